@@ -1,0 +1,140 @@
+//! Wiring: connects the database, starts the background workers and the HTTP listener, and
+//! shuts them down in order.
+
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+
+use anyhow::Context;
+use migration::MigratorTrait;
+use poem::{
+    listener::{Acceptor, Listener, TcpAcceptor, TcpListener},
+    Server,
+};
+use tokio::{sync::Notify, task::JoinHandle};
+
+use crate::{
+    config::Settings,
+    db::Db,
+    domain::{commands, devices::TokenCache, events::Ingestor},
+    http,
+};
+
+/// What request handlers share.
+pub struct AppState {
+    pub settings: Settings,
+    pub db: Db,
+    pub ingestor: Ingestor,
+    pub tokens: TokenCache,
+}
+
+pub struct Application {
+    state: Arc<AppState>,
+    acceptor: TcpAcceptor,
+    http_addr: SocketAddr,
+    ingest_task: JoinHandle<()>,
+    sweeper: JoinHandle<()>,
+    stop_sweeper: Arc<Notify>,
+}
+
+/// Opens the database and applies pending migrations.
+pub async fn open_database(settings: &Settings) -> anyhow::Result<Db> {
+    let db = Db::connect(&settings.database_url, settings.db_max_connections)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot open database {}",
+                crate::config::redact_url(&settings.database_url)
+            )
+        })?;
+    migration::Migrator::up(db.conn(), None)
+        .await
+        .context("database migration failed")?;
+    Ok(db)
+}
+
+impl Application {
+    pub async fn build(settings: Settings) -> anyhow::Result<Application> {
+        let db = open_database(&settings).await?;
+        let acceptor = TcpListener::bind(settings.http_addr.clone())
+            .into_acceptor()
+            .await
+            .with_context(|| format!("cannot listen on {}", settings.http_addr))?;
+        let http_addr = acceptor
+            .local_addr()
+            .first()
+            .and_then(|a| a.as_socket_addr().copied())
+            .context("HTTP listener has no address")?;
+        let (ingestor, ingest_task) = Ingestor::start(db.clone(), settings.ingest_batch_max);
+        let stop_sweeper = Arc::new(Notify::new());
+        let sweeper = commands::spawn_sweeper(
+            db.clone(),
+            settings.command_sweep_interval(),
+            stop_sweeper.clone(),
+        );
+        let tokens = TokenCache::new(Duration::from_millis(settings.token_cache_ttl_ms));
+        Ok(Application {
+            state: Arc::new(AppState {
+                settings,
+                db,
+                ingestor,
+                tokens,
+            }),
+            acceptor,
+            http_addr,
+            ingest_task,
+            sweeper,
+            stop_sweeper,
+        })
+    }
+
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    pub fn state(&self) -> Arc<AppState> {
+        self.state.clone()
+    }
+
+    /// Serves until `shutdown` resolves, then lets in-flight requests finish, commits every
+    /// queued event and closes the database.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> anyhow::Result<()> {
+        let app = http::routes(self.state.clone());
+        Server::new_with_acceptor(self.acceptor)
+            .run_with_graceful_shutdown(app, shutdown, Some(Duration::from_secs(10)))
+            .await
+            .context("HTTP server failed")?;
+        self.state.ingestor.shutdown();
+        if let Err(err) = self.ingest_task.await {
+            tracing::error!(error = %err, "event writer ended abnormally");
+        }
+        self.stop_sweeper.notify_one();
+        let _ = self.sweeper.await;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutdown requested; finishing in-flight work");
+}

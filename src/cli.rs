@@ -1,0 +1,316 @@
+//! The `ozone` command line: `serve` (the default), `migrate`, `createsuperuser`, and the
+//! operator commands `device assign` and `command send`, which work on the database directly so
+//! a fleet can be scripted before any staff API is up.
+
+use std::{
+    io::{BufRead, IsTerminal, Write},
+    path::PathBuf,
+    process::ExitCode,
+    time::Duration,
+};
+
+use clap::{Args, Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+use crate::{
+    app::{self, Application},
+    config::{Overrides, Settings},
+    domain::{
+        commands::{self, NewCommand},
+        devices::TokenCache,
+        fleet,
+        users::{self, NewUser},
+        wire_time,
+    },
+};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ozone",
+    version,
+    about = "Telemetry and command backend for ozone treatment machines"
+)]
+pub struct Cli {
+    /// TOML settings file (lower precedence than environment and flags).
+    #[arg(long, global = true, env = "OZONE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// HTTP listen address [env: OZONE_HTTP_ADDR] [default: 0.0.0.0:8000]
+    #[arg(long, global = true)]
+    pub http_addr: Option<String>,
+    /// Embedded MQTT broker listen address [env: OZONE_MQTT_ADDR] [default: 0.0.0.0:1883]
+    #[arg(long, global = true)]
+    pub mqtt_addr: Option<String>,
+    /// Database URL [env: DATABASE_URL] [default: sqlite://ozone.db?mode=rwc]
+    #[arg(long, global = true)]
+    pub database_url: Option<String>,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the server (the default).
+    Serve,
+    /// Apply database migrations and exit.
+    Migrate,
+    /// Create an admin account (asks for missing values on a terminal).
+    Createsuperuser(CreateSuperuser),
+    /// Manage devices.
+    #[command(subcommand)]
+    Device(DeviceCommand),
+    /// Queue commands for devices.
+    #[command(subcommand)]
+    Command(CommandCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct CreateSuperuser {
+    #[arg(long)]
+    pub username: Option<String>,
+    #[arg(long)]
+    pub password: Option<String>,
+    #[arg(long)]
+    pub email: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeviceCommand {
+    /// Bind a device to a machine, creating the machine and outlet if needed.
+    Assign {
+        device_id: String,
+        /// Machine code, e.g. CH1/027/2024.
+        #[arg(long)]
+        machine: String,
+        /// Outlet name; the machine is moved to it.
+        #[arg(long)]
+        outlet: Option<String>,
+    },
+    /// Unbind a device from its machine.
+    Unassign { device_id: String },
+    /// Forget a device's token so it can handshake again under `strict_handshake`.
+    ResetToken { device_id: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CommandCommand {
+    /// Queue a command for a device.
+    Send {
+        device_id: String,
+        /// e.g. RESET, REBOOT.
+        command_type: String,
+        /// JSON payload.
+        #[arg(long)]
+        payload: Option<String>,
+        /// Larger is more urgent.
+        #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+        priority: i32,
+        /// Seconds until the command times out.
+        #[arg(long)]
+        expires_in: Option<u64>,
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+}
+
+pub fn main(cli: Cli) -> ExitCode {
+    let overrides = Overrides {
+        http_addr: cli.http_addr.clone(),
+        mqtt_addr: cli.mqtt_addr.clone(),
+        database_url: cli.database_url.clone(),
+    };
+    let settings = match Settings::load(cli.config.as_deref(), &overrides) {
+        Ok(s) => s,
+        Err(err) => {
+            eprintln!("ozone: invalid configuration: {err:#}");
+            return ExitCode::from(2);
+        }
+    };
+    init_tracing(&settings.log);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("ozone: cannot start the runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command.unwrap_or(Command::Serve), settings)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("ozone: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(filter: &str) {
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|f| EnvFilter::try_new(f).ok())
+        .or_else(|| EnvFilter::try_new(filter).ok())
+        .unwrap_or_else(|| EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
+    match command {
+        Command::Serve => serve(settings).await,
+        Command::Migrate => {
+            let db = app::open_database(&settings).await?;
+            db.close().await?;
+            println!("database is up to date");
+            Ok(())
+        }
+        Command::Createsuperuser(args) => create_superuser(settings, args).await,
+        Command::Device(cmd) => device(settings, cmd).await,
+        Command::Command(CommandCommand::Send {
+            device_id,
+            command_type,
+            payload,
+            priority,
+            expires_in,
+            description,
+        }) => {
+            let payload = payload
+                .map(|p| serde_json::from_str::<serde_json::Value>(&p))
+                .transpose()
+                .map_err(|e| anyhow::anyhow!("--payload is not valid JSON: {e}"))?;
+            let db = app::open_database(&settings).await?;
+            let created = commands::create(
+                &db,
+                &device_id,
+                NewCommand {
+                    command_type,
+                    payload,
+                    priority,
+                    description,
+                    expires_in: expires_in.map(Duration::from_secs),
+                    created_by: Some("cli".into()),
+                },
+            )
+            .await?;
+            db.close().await?;
+            println!(
+                "{}",
+                serde_json::json!({
+                    "id": created.id,
+                    "command_id": created.command_id,
+                    "device_id": device_id,
+                    "command_type": created.command_type,
+                    "priority": created.priority,
+                    "status": created.status,
+                    "expires_at": created.expires_at.map(wire_time),
+                })
+            );
+            Ok(())
+        }
+    }
+}
+
+async fn serve(settings: Settings) -> anyhow::Result<()> {
+    tracing::debug!(?settings, "settings");
+    let app = Application::build(settings.clone()).await?;
+    let addr = app.http_addr();
+    let shown = if addr.ip().is_unspecified() {
+        format!("localhost:{}", addr.port())
+    } else {
+        addr.to_string()
+    };
+    tracing::info!(
+        http = %addr,
+        database = %crate::config::redact_url(&settings.database_url),
+        "ozone is up: firmware API at http://{shown}/api/, health at http://{shown}/healthz"
+    );
+    app.run_until_stopped(app::shutdown_signal()).await
+}
+
+fn prompt(label: &str) -> anyhow::Result<String> {
+    eprint!("{label}: ");
+    std::io::stderr().flush()?;
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line)?;
+    Ok(line.trim().to_owned())
+}
+
+async fn create_superuser(settings: Settings, args: CreateSuperuser) -> anyhow::Result<()> {
+    let interactive = std::io::stdin().is_terminal();
+    let username = match args.username {
+        Some(u) => u,
+        None if interactive => prompt("Username")?,
+        None => anyhow::bail!("--username is required when no terminal is attached"),
+    };
+    let email = match args.email {
+        Some(e) => e,
+        None if interactive => prompt("Email address (optional)")?,
+        None => String::new(),
+    };
+    let password = match args.password {
+        Some(p) => p,
+        None if interactive => {
+            let first = rpassword::prompt_password("Password: ")?;
+            let again = rpassword::prompt_password("Password (again): ")?;
+            anyhow::ensure!(first == again, "passwords do not match");
+            first
+        }
+        None => anyhow::bail!("--password is required when no terminal is attached"),
+    };
+    let db = app::open_database(&settings).await?;
+    let user = users::create(
+        &db,
+        NewUser {
+            username,
+            password,
+            email,
+            is_staff: true,
+            is_superuser: true,
+            ..Default::default()
+        },
+    )
+    .await?;
+    db.close().await?;
+    println!("superuser `{}` created", user.username);
+    Ok(())
+}
+
+async fn device(settings: Settings, cmd: DeviceCommand) -> anyhow::Result<()> {
+    let db = app::open_database(&settings).await?;
+    let cache = TokenCache::new(Duration::ZERO);
+    match cmd {
+        DeviceCommand::Assign {
+            device_id,
+            machine,
+            outlet,
+        } => {
+            let a =
+                fleet::assign_by_code(&db, &cache, &device_id, &machine, outlet.as_deref()).await?;
+            println!(
+                "{}",
+                serde_json::json!({
+                    "device_id": a.device.device_id,
+                    "assigned": a.device.assigned,
+                    "machine": { "id": a.machine.id, "machine_code": a.machine.machine_code, "created": a.created_machine },
+                    "outlet": a.outlet.map(|o| serde_json::json!({ "id": o.id, "name": o.name, "created": a.created_outlet })),
+                    "device_created": a.created_device,
+                })
+            );
+        }
+        DeviceCommand::Unassign { device_id } => {
+            let device = crate::domain::devices::find_by_device_id(db.conn(), &device_id).await?;
+            let txn = db.begin_write().await?;
+            fleet::release_device(&*txn, device.id, chrono::Utc::now()).await?;
+            txn.commit().await?;
+            println!("device `{}` unassigned", device.device_id);
+        }
+        DeviceCommand::ResetToken { device_id } => {
+            crate::domain::devices::reset_credentials(&db, &cache, &device_id).await?;
+            println!("device `{device_id}` may handshake again");
+        }
+    }
+    db.close().await?;
+    Ok(())
+}

@@ -1,0 +1,182 @@
+//! Settings: built-in defaults < optional TOML file < `OZONE_*` environment (and
+//! `DATABASE_URL`) < command-line flags.
+
+use std::{fmt, path::Path, time::Duration};
+
+use figment::{
+    providers::{Env, Format, Serialized, Toml},
+    Figment,
+};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Settings {
+    /// HTTP listener for the firmware shim, the staff API and health checks.
+    pub http_addr: String,
+    /// Listener of the embedded MQTT broker.
+    pub mqtt_addr: String,
+    /// `sqlite://…` or `postgres://…`. May hold a password: never printed.
+    pub database_url: String,
+    /// Connections in the database pool.
+    pub db_max_connections: u32,
+    /// Largest request body accepted, in bytes; larger ones get 413.
+    pub body_limit_bytes: usize,
+    /// Refuse re-handshakes without the current token for assigned devices.
+    pub strict_handshake: bool,
+    /// A device is `online` while its last poll/contact is at most this old (seconds).
+    pub online_threshold_secs: u64,
+    /// … `idle` up to this age, `offline` beyond it (seconds).
+    pub idle_threshold_secs: u64,
+    /// How often expired commands are moved to `timeout` (milliseconds).
+    pub command_sweep_interval_ms: u64,
+    /// Most events committed in one transaction. 1 disables group commit.
+    pub ingest_batch_max: usize,
+    /// How long a verified device token is trusted without asking the database (milliseconds).
+    pub token_cache_ttl_ms: u64,
+    /// Log filter, in `RUST_LOG` syntax.
+    pub log: String,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            http_addr: "0.0.0.0:8000".into(),
+            mqtt_addr: "0.0.0.0:1883".into(),
+            database_url: "sqlite://ozone.db?mode=rwc".into(),
+            db_max_connections: 8,
+            body_limit_bytes: 64 * 1024,
+            strict_handshake: false,
+            online_threshold_secs: 16 * 60,
+            idle_threshold_secs: 60 * 60,
+            command_sweep_interval_ms: 5_000,
+            ingest_batch_max: 1024,
+            token_cache_ttl_ms: 2_000,
+            log: "info".into(),
+        }
+    }
+}
+
+/// Values given on the command line; `None` leaves the lower layers in force.
+#[derive(Debug, Default, Serialize)]
+pub struct Overrides {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http_addr: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mqtt_addr: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub database_url: Option<String>,
+}
+
+impl Settings {
+    pub fn load(config_file: Option<&Path>, overrides: &Overrides) -> anyhow::Result<Settings> {
+        let mut figment = Figment::from(Serialized::defaults(Settings::default()));
+        if let Some(path) = config_file {
+            anyhow::ensure!(
+                path.is_file(),
+                "config file {} does not exist",
+                path.display()
+            );
+            figment = figment.merge(Toml::file(path));
+        }
+        figment = figment
+            .merge(Env::prefixed("OZONE_").ignore(&["CONFIG"]))
+            .merge(Env::raw().only(&["DATABASE_URL"]))
+            .merge(Serialized::defaults(overrides));
+        let settings: Settings = figment.extract()?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.db_max_connections >= 1,
+            "db_max_connections must be >= 1"
+        );
+        anyhow::ensure!(self.ingest_batch_max >= 1, "ingest_batch_max must be >= 1");
+        anyhow::ensure!(
+            self.body_limit_bytes >= 1024,
+            "body_limit_bytes must be >= 1024"
+        );
+        anyhow::ensure!(
+            self.online_threshold_secs <= self.idle_threshold_secs,
+            "online_threshold_secs must not exceed idle_threshold_secs"
+        );
+        Ok(())
+    }
+
+    pub fn is_sqlite(&self) -> bool {
+        self.database_url.starts_with("sqlite:")
+    }
+
+    pub fn command_sweep_interval(&self) -> Duration {
+        Duration::from_millis(self.command_sweep_interval_ms.max(10))
+    }
+
+    pub fn thresholds(&self) -> crate::domain::status::Thresholds {
+        crate::domain::status::Thresholds {
+            online: chrono::Duration::seconds(self.online_threshold_secs as i64),
+            idle: chrono::Duration::seconds(self.idle_threshold_secs as i64),
+        }
+    }
+}
+
+impl fmt::Debug for Settings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Settings")
+            .field("http_addr", &self.http_addr)
+            .field("mqtt_addr", &self.mqtt_addr)
+            .field("database_url", &redact_url(&self.database_url))
+            .field("db_max_connections", &self.db_max_connections)
+            .field("body_limit_bytes", &self.body_limit_bytes)
+            .field("strict_handshake", &self.strict_handshake)
+            .field("online_threshold_secs", &self.online_threshold_secs)
+            .field("idle_threshold_secs", &self.idle_threshold_secs)
+            .field("command_sweep_interval_ms", &self.command_sweep_interval_ms)
+            .field("ingest_batch_max", &self.ingest_batch_max)
+            .field("token_cache_ttl_ms", &self.token_cache_ttl_ms)
+            .field("log", &self.log)
+            .finish()
+    }
+}
+
+/// `scheme://user:secret@host/db` → `scheme://user:***@host/db`.
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_string();
+    };
+    let rest = &url[scheme_end + 3..];
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    match (authority.rfind('@'), authority.find(':')) {
+        (Some(at), Some(colon)) if colon < at => format!(
+            "{}{}:***{}",
+            &url[..scheme_end + 3],
+            &authority[..colon],
+            &rest[at..]
+        ),
+        _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_redacted_from_database_urls() {
+        assert_eq!(
+            redact_url("postgres://ozone:hunter2@db:5432/ozone"),
+            "postgres://ozone:***@db:5432/ozone"
+        );
+        assert_eq!(
+            redact_url("sqlite://ozone.db?mode=rwc"),
+            "sqlite://ozone.db?mode=rwc"
+        );
+        let settings = Settings {
+            database_url: "postgres://u:topsecret@h/d".into(),
+            ..Settings::default()
+        };
+        assert!(!format!("{settings:?}").contains("topsecret"));
+    }
+}

@@ -1,0 +1,10 @@
+//! sea-orm entities, one per table of the migration crate.
+
+pub mod command;
+pub mod device;
+pub mod device_status;
+pub mod machine;
+pub mod machine_device;
+pub mod outlet;
+pub mod telemetry_event;
+pub mod user;

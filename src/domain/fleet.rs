@@ -1,0 +1,242 @@
+//! Outlets, machines and which device each machine carries. Binding history is kept so that
+//! moving a device never moves its past events.
+
+use chrono::{DateTime, Utc};
+use sea_orm::{
+    sea_query::Expr, ActiveModelTrait, ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait,
+    QueryFilter,
+};
+
+use crate::{
+    db::{
+        entities::{device, machine, machine_device, outlet},
+        Db,
+    },
+    domain::devices::{self, Mac, TokenCache},
+    error::{Entity, Error, Result},
+};
+
+/// The outcome of binding a device to a machine.
+#[derive(Debug, Clone)]
+pub struct Assignment {
+    pub device: device::Model,
+    pub machine: machine::Model,
+    pub outlet: Option<outlet::Model>,
+    pub created_machine: bool,
+    pub created_outlet: bool,
+    pub created_device: bool,
+}
+
+fn required(field: &'static str, value: &str, max: usize) -> Result<String> {
+    let v = value.trim();
+    if v.is_empty() || v.chars().count() > max {
+        return Err(Error::invalid(
+            "invalid_field",
+            format!("{field} must be 1-{max} characters"),
+        ));
+    }
+    Ok(v.to_owned())
+}
+
+/// Binds `device_id` to the machine `machine_code`, creating the machine and the outlet
+/// when they do not exist yet. A device not seen yet is pre-registered when its id is a MAC.
+pub async fn assign_by_code(
+    db: &Db,
+    cache: &TokenCache,
+    device_id: &str,
+    machine_code: &str,
+    outlet_name: Option<&str>,
+) -> Result<Assignment> {
+    let machine_code = required("machine code", machine_code, 64)?;
+    let outlet_name = outlet_name
+        .map(|o| required("outlet name", o, 200))
+        .transpose()?;
+    let now = Utc::now();
+    let txn = db.begin_write().await?;
+
+    let (device, created_device) = match devices::find_by_device_id(&*txn, device_id).await {
+        Ok(d) => (d, false),
+        Err(Error::NotFound { .. }) => match Mac::parse(device_id) {
+            Ok(mac) => match device::Entity::find()
+                .filter(device::Column::Mac.eq(mac.as_str()))
+                .one(&*txn)
+                .await?
+            {
+                Some(d) => (d, false),
+                None => (devices::register(&*txn, &mac, now).await?, true),
+            },
+            Err(_) => return Err(Error::not_found(Entity::Device, device_id)),
+        },
+        Err(e) => return Err(e),
+    };
+
+    let (outlet, created_outlet) = match &outlet_name {
+        None => (None, false),
+        Some(name) => match outlet::Entity::find()
+            .filter(outlet::Column::Name.eq(name.as_str()))
+            .one(&*txn)
+            .await?
+        {
+            Some(o) => (Some(o), false),
+            None => (
+                Some(
+                    outlet::ActiveModel {
+                        name: Set(name.clone()),
+                        region: Set(String::new()),
+                        address: Set(String::new()),
+                        contact_person: Set(String::new()),
+                        is_active: Set(true),
+                        total_sva: Set(None),
+                        average_intage_services: Set(None),
+                        number_of_machines: Set(None),
+                        created_at: Set(now),
+                        updated_at: Set(now),
+                        ..Default::default()
+                    }
+                    .insert(&*txn)
+                    .await?,
+                ),
+                true,
+            ),
+        },
+    };
+
+    let (mut machine, created_machine) = match machine::Entity::find()
+        .filter(machine::Column::MachineCode.eq(machine_code.as_str()))
+        .one(&*txn)
+        .await?
+    {
+        Some(m) => (m, false),
+        None => (
+            machine::ActiveModel {
+                machine_code: Set(machine_code.clone()),
+                name: Set(machine_code.clone()),
+                outlet_id: Set(outlet.as_ref().map(|o| o.id)),
+                current_device_id: Set(None),
+                is_active: Set(true),
+                created_at: Set(now),
+                updated_at: Set(now),
+                ..Default::default()
+            }
+            .insert(&*txn)
+            .await?,
+            true,
+        ),
+    };
+    if let Some(o) = &outlet {
+        if machine.outlet_id != Some(o.id) {
+            let mut active: machine::ActiveModel = machine.into();
+            active.outlet_id = Set(Some(o.id));
+            active.updated_at = Set(now);
+            machine = active.update(&*txn).await?;
+        }
+    }
+
+    bind(&*txn, &machine, &device, now).await?;
+    txn.commit().await?;
+    cache.evict_device(device.id);
+
+    let machine = machine::Entity::find_by_id(machine.id)
+        .one(db.conn())
+        .await?
+        .ok_or_else(|| Error::not_found(Entity::Machine, machine_code.clone()))?;
+    let device = device::Entity::find_by_id(device.id)
+        .one(db.conn())
+        .await?
+        .ok_or_else(|| Error::not_found(Entity::Device, device_id))?;
+    let outlet = match machine.outlet_id {
+        Some(id) => outlet::Entity::find_by_id(id).one(db.conn()).await?,
+        None => None,
+    };
+    Ok(Assignment {
+        device,
+        machine,
+        outlet,
+        created_machine,
+        created_outlet,
+        created_device,
+    })
+}
+
+/// Makes `device` the machine's current device: any other binding of either side is closed
+/// first, keeping one device per machine and one machine per device.
+pub async fn bind(
+    conn: &impl ConnectionTrait,
+    machine: &machine::Model,
+    device: &device::Model,
+    now: DateTime<Utc>,
+) -> Result<()> {
+    if machine.current_device_id == Some(device.id) {
+        return Ok(());
+    }
+    if let Some(previous) = machine.current_device_id {
+        release_device(conn, previous, now).await?;
+    }
+    release_device(conn, device.id, now).await?;
+    machine::Entity::update_many()
+        .col_expr(machine::Column::CurrentDeviceId, Expr::value(device.id))
+        .col_expr(machine::Column::UpdatedAt, Expr::value(now))
+        .filter(machine::Column::Id.eq(machine.id))
+        .exec(conn)
+        .await?;
+    machine_device::ActiveModel {
+        machine_id: Set(machine.id),
+        device_id: Set(device.id),
+        assigned_at: Set(now),
+        unassigned_at: Set(None),
+        ..Default::default()
+    }
+    .insert(conn)
+    .await?;
+    device::Entity::update_many()
+        .col_expr(device::Column::Assigned, Expr::value(true))
+        .filter(device::Column::Id.eq(device.id))
+        .exec(conn)
+        .await?;
+    Ok(())
+}
+
+/// Detaches a device from whatever machine carries it and closes the open binding.
+pub async fn release_device(
+    conn: &impl ConnectionTrait,
+    device: i32,
+    now: DateTime<Utc>,
+) -> Result<()> {
+    machine::Entity::update_many()
+        .col_expr(
+            machine::Column::CurrentDeviceId,
+            Expr::value(Option::<i32>::None),
+        )
+        .col_expr(machine::Column::UpdatedAt, Expr::value(now))
+        .filter(machine::Column::CurrentDeviceId.eq(device))
+        .exec(conn)
+        .await?;
+    machine_device::Entity::update_many()
+        .col_expr(machine_device::Column::UnassignedAt, Expr::value(now))
+        .filter(machine_device::Column::DeviceId.eq(device))
+        .filter(machine_device::Column::UnassignedAt.is_null())
+        .exec(conn)
+        .await?;
+    device::Entity::update_many()
+        .col_expr(device::Column::Assigned, Expr::value(false))
+        .filter(device::Column::Id.eq(device))
+        .exec(conn)
+        .await?;
+    Ok(())
+}
+
+/// Removes the device from a machine.
+pub async fn unassign_machine(db: &Db, cache: &TokenCache, machine_id: i32) -> Result<()> {
+    let now = Utc::now();
+    let txn = db.begin_write().await?;
+    let machine = machine::Entity::find_by_id(machine_id)
+        .one(&*txn)
+        .await?
+        .ok_or_else(|| Error::not_found(Entity::Machine, machine_id.to_string()))?;
+    if let Some(device) = machine.current_device_id {
+        release_device(&*txn, device, now).await?;
+        cache.evict_device(device);
+    }
+    txn.commit().await?;
+    Ok(())
+}

@@ -1,0 +1,14 @@
+//! Transport-free domain services: the firmware HTTP shim, the MQTT edge and the staff API are
+//! thin adapters over these functions.
+
+pub mod commands;
+pub mod devices;
+pub mod events;
+pub mod fleet;
+pub mod status;
+pub mod users;
+
+/// Timestamps on the wire: ISO 8601, UTC, `Z`.
+pub fn wire_time(t: chrono::DateTime<chrono::Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}

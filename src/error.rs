@@ -1,0 +1,97 @@
+//! The one error type of the domain layer. Each transport maps it once: HTTP in
+//! `http::error`, and later MQTT acknowledgements.
+
+use sea_orm::DbErr;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What a lookup did not find.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Entity {
+    Device,
+    Command,
+    Machine,
+    Outlet,
+    User,
+}
+
+impl Entity {
+    pub fn name(self) -> &'static str {
+        match self {
+            Entity::Device => "device",
+            Entity::Command => "command",
+            Entity::Machine => "machine",
+            Entity::Outlet => "outlet",
+            Entity::User => "user",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("no bearer token was presented")]
+    MissingToken,
+    #[error("the bearer token is not valid")]
+    InvalidToken,
+    #[error("the token does not belong to device `{0}`")]
+    DeviceMismatch(String),
+    #[error("device `{0}` is not assigned to a machine yet")]
+    DeviceUnassigned(String),
+    #[error("device `{0}` is assigned; re-handshake without its current token is refused until an admin resets it")]
+    HandshakeRefused(String),
+    #[error("{} `{id}` was not found", .entity.name())]
+    NotFound { entity: Entity, id: String },
+    /// A body that could not be read as the expected format.
+    #[error("{detail}")]
+    Malformed { code: &'static str, detail: String },
+    /// Input that parsed but breaks a rule; `code` is stable and machine-readable.
+    #[error("{detail}")]
+    Invalid { code: &'static str, detail: String },
+    #[error("{detail}")]
+    Conflict { code: &'static str, detail: String },
+    #[error("the service is shutting down")]
+    Unavailable,
+    #[error("database error: {0}")]
+    Database(#[from] DbErr),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl Error {
+    pub fn invalid(code: &'static str, detail: impl Into<String>) -> Self {
+        Error::Invalid {
+            code,
+            detail: detail.into(),
+        }
+    }
+
+    pub fn not_found(entity: Entity, id: impl Into<String>) -> Self {
+        Error::NotFound {
+            entity,
+            id: id.into(),
+        }
+    }
+
+    /// Stable machine-readable code, shared by every transport.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Error::MissingToken => "missing_token",
+            Error::InvalidToken => "invalid_token",
+            Error::DeviceMismatch(_) => "device_mismatch",
+            Error::DeviceUnassigned(_) => "device_unassigned",
+            Error::HandshakeRefused(_) => "handshake_refused",
+            Error::NotFound { entity, .. } => match entity {
+                Entity::Device => "device_not_found",
+                Entity::Command => "command_not_found",
+                Entity::Machine => "machine_not_found",
+                Entity::Outlet => "outlet_not_found",
+                Entity::User => "user_not_found",
+            },
+            Error::Malformed { code, .. }
+            | Error::Invalid { code, .. }
+            | Error::Conflict { code, .. } => code,
+            Error::Unavailable => "unavailable",
+            Error::Database(_) | Error::Internal(_) => "internal_error",
+        }
+    }
+}

@@ -1,0 +1,87 @@
+//! Maps the domain error to HTTP, once: status, and a JSON body `{error, code, detail}`.
+
+use poem::{http::StatusCode, web::Json, IntoResponse, Response};
+use serde_json::json;
+
+use crate::error::Error;
+
+fn status_of(err: &Error) -> StatusCode {
+    match err {
+        Error::MissingToken
+        | Error::InvalidToken
+        | Error::DeviceMismatch(_)
+        | Error::DeviceUnassigned(_) => StatusCode::UNAUTHORIZED,
+        Error::HandshakeRefused(_) => StatusCode::FORBIDDEN,
+        Error::NotFound { .. } => StatusCode::NOT_FOUND,
+        Error::Malformed { .. } => StatusCode::BAD_REQUEST,
+        Error::Invalid { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+        Error::Conflict { .. } => StatusCode::CONFLICT,
+        Error::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        Error::Database(_) | Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+pub fn error_response(status: StatusCode, code: &str, detail: &str) -> Response {
+    let title = status.canonical_reason().unwrap_or("Error");
+    let mut resp = (
+        status,
+        Json(json!({ "error": title, "code": code, "detail": detail })),
+    )
+        .into_response();
+    if status == StatusCode::UNAUTHORIZED {
+        resp.headers_mut().insert(
+            poem::http::header::WWW_AUTHENTICATE,
+            poem::http::HeaderValue::from_static("Bearer"),
+        );
+    }
+    resp
+}
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        let status = status_of(&self);
+        if status.is_server_error() && status != StatusCode::SERVICE_UNAVAILABLE {
+            // Internals are logged, never sent.
+            tracing::error!(error = %self, "request failed");
+            return error_response(
+                status,
+                self.code(),
+                "an internal error occurred; it has been logged",
+            );
+        }
+        error_response(status, self.code(), &self.to_string())
+    }
+}
+
+impl From<Error> for poem::Error {
+    fn from(err: Error) -> Self {
+        poem::Error::from_response(err.into_response())
+    }
+}
+
+/// Turns poem's own errors (unknown path, wrong method, unreadable body) into the same JSON
+/// shape.
+pub async fn from_poem(err: poem::Error) -> Response {
+    if err.is_from_response() {
+        return err.into_response();
+    }
+    let status = err.status();
+    let code = match status {
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
+        StatusCode::BAD_REQUEST => "bad_request",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        s if s.is_server_error() => "internal_error",
+        _ => "error",
+    };
+    if status.is_server_error() {
+        tracing::error!(error = %err, "request failed");
+        return error_response(
+            status,
+            code,
+            "an internal error occurred; it has been logged",
+        );
+    }
+    error_response(status, code, &err.to_string())
+}

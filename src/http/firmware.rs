@@ -1,0 +1,255 @@
+//! The legacy firmware HTTP shim: the paths, bodies and responses that devices in the field
+//! already use, unchanged. Trailing slashes are optional (see `NormalizePath` in `routes`).
+
+use std::sync::Arc;
+
+use chrono::Utc;
+use poem::{
+    get, handler,
+    http::{header, HeaderMap},
+    post,
+    web::{Data, Json, Path},
+    Body, Route,
+};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::{
+    app::AppState,
+    db::entities::command,
+    domain::{
+        commands::{self, CommandResult},
+        devices::{self, Handshake},
+        events::{self, DeviceEvent, LegacyReading, NewEvent},
+        wire_time,
+    },
+    error::Error,
+};
+
+pub fn routes() -> Route {
+    Route::new()
+        .at("/api/handshake", post(handshake))
+        .at("/api/device/events", post(device_events))
+        .at("/api/events", post(device_events))
+        .at("/api/device/:device_id/commands", get(poll_commands))
+        .at(
+            "/api/device/:device_id/commands/:command_id",
+            post(command_result),
+        )
+        .at("/api/iot", post(legacy_iot))
+}
+
+type Result<T> = poem::Result<T>;
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?.trim();
+    let (scheme, token) = value.split_once(' ')?;
+    (scheme.eq_ignore_ascii_case("bearer") || scheme.eq_ignore_ascii_case("token"))
+        .then_some(token.trim())
+}
+
+fn is_form(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.trim_start()
+                .to_ascii_lowercase()
+                .starts_with("application/x-www-form-urlencoded")
+        })
+}
+
+async fn read_body(body: Body, limit: usize) -> Result<Vec<u8>> {
+    match body.into_bytes_limit(limit).await {
+        Ok(bytes) => Ok(bytes.to_vec()),
+        Err(poem::error::ReadBodyError::PayloadTooLarge) => {
+            Err(poem::Error::from_response(super::error_response(
+                poem::http::StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                &format!("request bodies are limited to {limit} bytes"),
+            )))
+        }
+        Err(err) => Err(Error::Malformed {
+            code: "unreadable_body",
+            detail: err.to_string(),
+        }
+        .into()),
+    }
+}
+
+/// Parses a JSON body, keeping the raw document for the event payload. Any content type is
+/// read as JSON: some firmware sends `text/plain`.
+fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<(T, Value)> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(Error::Malformed {
+            code: "empty_body",
+            detail: "the request body is empty; a JSON object is expected".into(),
+        }
+        .into());
+    }
+    let raw: Value = serde_json::from_slice(bytes).map_err(|e| Error::Malformed {
+        code: "malformed_json",
+        detail: format!("the body is not valid JSON: {e}"),
+    })?;
+    if !raw.is_object() {
+        return Err(Error::invalid("invalid_body", "the body must be a JSON object").into());
+    }
+    let parsed = T::deserialize(&raw)
+        .map_err(|e| Error::invalid("invalid_body", format!("the body does not fit: {e}")))?;
+    Ok((parsed, raw))
+}
+
+fn parse_form<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
+    serde_urlencoded::from_bytes(bytes).map_err(|e| {
+        Error::Malformed {
+            code: "malformed_form",
+            detail: format!("the form body cannot be read: {e}"),
+        }
+        .into()
+    })
+}
+
+#[derive(Debug, Deserialize)]
+struct HandshakeBody {
+    mac: Option<String>,
+    firmware: Option<String>,
+}
+
+#[derive(Serialize)]
+struct HandshakeResponse {
+    device_id: String,
+    token: String,
+    assigned: bool,
+}
+
+/// `POST /api/handshake/`: `{mac, firmware}` as JSON or a form.
+#[handler]
+async fn handshake(
+    state: Data<&Arc<AppState>>,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Json<HandshakeResponse>> {
+    let bytes = read_body(body, state.settings.body_limit_bytes).await?;
+    let body: HandshakeBody = if is_form(headers) {
+        parse_form(&bytes)?
+    } else {
+        parse_json(&bytes)?.0
+    };
+    let mac = body
+        .mac
+        .ok_or_else(|| Error::invalid("missing_field", "mac is required"))?;
+    let granted = devices::handshake(
+        &state.db,
+        &state.tokens,
+        state.settings.strict_handshake,
+        Handshake {
+            mac,
+            firmware: body.firmware,
+            presented_token: bearer(headers).map(str::to_owned),
+        },
+    )
+    .await?;
+    Ok(Json(HandshakeResponse {
+        device_id: granted.device_id,
+        token: granted.token,
+        assigned: granted.assigned,
+    }))
+}
+
+/// `POST /api/device/events/` (and `/api/events/`): one event, idempotent on `event_id`.
+#[handler]
+async fn device_events(
+    state: Data<&Arc<AppState>>,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Json<Value>> {
+    let received_at = Utc::now();
+    let device = devices::authenticate(&state.db, &state.tokens, bearer(headers), false).await?;
+    let bytes = read_body(body, state.settings.body_limit_bytes).await?;
+    let (event, raw): (DeviceEvent, Value) = parse_json(&bytes)?;
+    let event = NewEvent::from_device(&device, event, raw, received_at)?;
+    let event_id = event.event_id.clone();
+    state.ingestor.submit(event).await?;
+    Ok(Json(json!({ "ack": true, "event_id": event_id })))
+}
+
+#[derive(Serialize)]
+pub struct WireCommand {
+    id: i32,
+    command_id: String,
+    command_type: String,
+    payload: Value,
+    priority: i32,
+    description: String,
+    created_at: String,
+    expires_at: Option<String>,
+}
+
+impl From<command::Model> for WireCommand {
+    fn from(c: command::Model) -> Self {
+        WireCommand {
+            id: c.id,
+            command_id: c.command_id,
+            command_type: c.command_type,
+            payload: c.payload.unwrap_or_else(|| json!({})),
+            priority: c.priority,
+            description: c.description,
+            created_at: wire_time(c.created_at),
+            expires_at: c.expires_at.map(wire_time),
+        }
+    }
+}
+
+/// `GET /api/device/{device_id}/commands/`: pending commands, marked `sent`.
+#[handler]
+async fn poll_commands(
+    state: Data<&Arc<AppState>>,
+    headers: &HeaderMap,
+    Path(device_id): Path<String>,
+) -> Result<Json<Value>> {
+    let device = devices::authenticate(&state.db, &state.tokens, bearer(headers), true).await?;
+    device.ensure_is(&device_id)?;
+    let due = commands::poll(&state.db, &device).await?;
+    let commands: Vec<WireCommand> = due.into_iter().map(WireCommand::from).collect();
+    Ok(Json(json!({ "commands": commands })))
+}
+
+/// `POST /api/device/{device_id}/commands/{command_id}/`: the result of one command, named by
+/// numeric `id` or `command_id`.
+#[handler]
+async fn command_result(
+    state: Data<&Arc<AppState>>,
+    headers: &HeaderMap,
+    Path((device_id, reference)): Path<(String, String)>,
+    body: Body,
+) -> Result<Json<Value>> {
+    let device = devices::authenticate(&state.db, &state.tokens, bearer(headers), true).await?;
+    device.ensure_is(&device_id)?;
+    let bytes = read_body(body, state.settings.body_limit_bytes).await?;
+    let (result, _): (CommandResult, Value) = parse_json(&bytes)?;
+    let cmd = commands::report_result(&state.db, &device, &reference, result).await?;
+    Ok(Json(json!({
+        "ack": true,
+        "command_id": cmd.command_id,
+        "status": cmd.status,
+    })))
+}
+
+/// `POST /api/iot/`: the legacy form-encoded reading, without authentication.
+#[handler]
+async fn legacy_iot(
+    state: Data<&Arc<AppState>>,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Json<Value>> {
+    let received_at = Utc::now();
+    let bytes = read_body(body, state.settings.body_limit_bytes).await?;
+    let reading: LegacyReading = if is_form(headers) || !bytes.trim_ascii_start().starts_with(b"{")
+    {
+        parse_form(&bytes)?
+    } else {
+        parse_json(&bytes)?.0
+    };
+    events::ingest_legacy(&state.db, &state.ingestor, reading, received_at).await?;
+    Ok(Json(json!({ "status": "ok" })))
+}

@@ -1,0 +1,18 @@
+//! Ozone: telemetry, command queue and (soon) MQTT backend for fleets of ESP32-controlled ozone
+//! treatment machines.
+//!
+//! `domain` holds every behaviour, free of transports; `http` adapts it to the firmware HTTP
+//! contract; `db` owns the connection and entities; `app` wires them; `cli` is the operator's
+//! command line.
+
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod db;
+pub mod domain;
+pub mod error;
+pub mod http;
+
+pub use app::{AppState, Application};
+pub use config::Settings;
+pub use error::{Error, Result};
