@@ -1,1 +1,12 @@
-fn main() {}
+//! Ozone's integration tests: each test starts the real application on an ephemeral port with
+//! a fresh SQLite database and talks to it over HTTP (and through the `ozone` CLI binary).
+
+mod helpers;
+
+mod cli;
+mod commands;
+// mod compat;
+mod events;
+mod handshake;
+mod legacy;
+mod server;

@@ -1,0 +1,98 @@
+//! Health, error shapes for unknown routes, and graceful shutdown.
+
+use sea_orm::{EntityTrait, PaginatorTrait};
+use serde_json::json;
+
+use ozone::db::{entities::telemetry_event, Db};
+
+use crate::helpers::spawn_app;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_readiness_answer() {
+    let app = spawn_app().await;
+    let health = app.get("/healthz", None).await;
+    assert_eq!(health.status, 200);
+    assert_eq!(health.body["status"], "ok");
+    let ready = app.get("/readyz/", None).await;
+    assert_eq!(ready.status, 200);
+    assert_eq!(ready.body["status"], "ready");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_routes_and_methods_get_json_errors() {
+    let app = spawn_app().await;
+    app.get("/api/nothing-here/", None)
+        .await
+        .assert_error(404, "not_found");
+    let resp = app
+        .http
+        .put(app.url("/api/handshake/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 405);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["code"], "method_not_allowed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_commits_every_acknowledged_event() {
+    let app = spawn_app().await;
+    let d = app.handshake("EC:E3:34:46:2B:C0").await;
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let http = app.http.clone();
+        let url = app.url("/api/device/events/");
+        let token = d.token.clone();
+        tasks.push(tokio::spawn(async move {
+            let body = json!({"event_id": format!("s-{i}"), "treatment": "BASIC"});
+            match http.post(&url).bearer_auth(&token).json(&body).send().await {
+                Ok(resp) if resp.status() == 200 => Some(i),
+                _ => None,
+            }
+        }));
+    }
+    let stopped = app.stop().await;
+    let mut acknowledged = 0u64;
+    for task in tasks {
+        if task.await.unwrap().is_some() {
+            acknowledged += 1;
+        }
+    }
+    let db = Db::connect(&stopped.database_url, 2).await.unwrap();
+    let stored = telemetry_event::Entity::find()
+        .count(db.conn())
+        .await
+        .unwrap();
+    assert!(
+        stored >= acknowledged,
+        "{acknowledged} events acknowledged but only {stored} stored"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_survives_a_restart_on_the_same_database() {
+    let app = spawn_app().await;
+    let d = app.handshake("EC:E3:34:46:2B:C0").await;
+    assert_eq!(app.post_event(&d, "persist-1", json!({})).await.status, 200);
+    let stopped = app.stop().await;
+    let url = stopped.database_url.clone();
+    let again = crate::helpers::spawn_app_with(|s| s.database_url = url).await;
+    // The same token still authenticates, and the event is a duplicate now.
+    let reply = again
+        .post_json(
+            "/api/device/events/",
+            Some(&d.token),
+            &json!({"event_id": "persist-1", "treatment": "BASIC"}),
+        )
+        .await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(
+        telemetry_event::Entity::find()
+            .count(again.db())
+            .await
+            .unwrap(),
+        1
+    );
+    drop(stopped);
+}
