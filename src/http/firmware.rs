@@ -130,7 +130,9 @@ async fn handshake(
     body: Body,
 ) -> Result<Json<HandshakeResponse>> {
     let bytes = read_body(body, state.settings.body_limit_bytes).await?;
-    let body: HandshakeBody = if is_form(headers) {
+    // Some clients label a JSON body as a form (curl's `-d` default): the body decides.
+    let looks_like_json = bytes.trim_ascii_start().starts_with(b"{");
+    let body: HandshakeBody = if is_form(headers) && !looks_like_json {
         parse_form(&bytes)?
     } else {
         parse_json(&bytes)?.0
