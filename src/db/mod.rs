@@ -38,6 +38,9 @@ impl Db {
                     .busy_timeout(Duration::from_secs(10))
                     .foreign_keys(true)
                     .create_if_missing(true)
+                    .pragma("cache_size", "-32768")
+                    .pragma("mmap_size", "268435456")
+                    .pragma("temp_store", "memory")
             });
         }
         let conn = Database::connect(options).await?;

@@ -5,9 +5,8 @@ use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Duration, NaiveDateTime, TimeZone, Utc};
 use sea_orm::{
-    sea_query::{Expr, ExprTrait, OnConflict},
-    ActiveValue::{NotSet, Set},
-    ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QuerySelect,
+    sea_query::{Expr, ExprTrait},
+    ColumnTrait, ConnectionTrait, DbBackend, DbErr, EntityTrait, QueryFilter, Statement, Value,
 };
 use serde::Deserialize;
 use serde_json::Value as Json;
@@ -16,7 +15,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::{
     db::{
-        entities::{device, device_status, machine, machine_device, telemetry_event},
+        entities::{device, device_status, machine, machine_device},
         Db,
     },
     domain::devices::{self, AuthenticatedDevice, Mac},
@@ -529,92 +528,189 @@ async fn run_writer(
 
 /// Commits a batch in one transaction and says, per event, whether it was new.
 async fn commit_batch(db: &Db, events: &[&NewEvent]) -> Result<Vec<Ingested>> {
-    let txn = db.begin_write().await?;
     let now = Utc::now();
-
-    // Duplicates: already stored, or repeated within this batch.
-    let ids: Vec<&str> = events.iter().map(|e| e.event_id.as_str()).collect();
-    let device_ids: Vec<i32> = events
+    // Repeats within the batch: the first occurrence is the one that may be new.
+    let mut first_seen: HashSet<(i32, &str)> = HashSet::with_capacity(events.len());
+    let candidates: Vec<&NewEvent> = events
         .iter()
-        .map(|e| e.device)
-        .collect::<HashSet<_>>()
-        .into_iter()
+        .copied()
+        .filter(|e| first_seen.insert((e.device, e.event_id.as_str())))
         .collect();
-    let mut seen: HashSet<(i32, String)> = HashSet::new();
-    for chunk in ids.chunks(400) {
-        let rows: Vec<(i32, String)> = telemetry_event::Entity::find()
-            .select_only()
-            .column(telemetry_event::Column::DeviceId)
-            .column(telemetry_event::Column::EventId)
-            .filter(telemetry_event::Column::EventId.is_in(chunk.iter().copied()))
-            .filter(telemetry_event::Column::DeviceId.is_in(device_ids.iter().copied()))
-            .into_tuple()
-            .all(&*txn)
-            .await?;
-        seen.extend(rows);
-    }
-    let mut outcomes = Vec::with_capacity(events.len());
-    let mut fresh: Vec<&NewEvent> = Vec::with_capacity(events.len());
-    for event in events {
-        if seen.insert((event.device, event.event_id.clone())) {
-            outcomes.push(Ingested::Stored);
-            fresh.push(event);
-        } else {
-            outcomes.push(Ingested::Duplicate);
-        }
-    }
+    let mut device_ids: Vec<i32> = events.iter().map(|e| e.device).collect();
+    device_ids.sort_unstable();
+    device_ids.dedup();
 
-    if !fresh.is_empty() {
-        let earliest = fresh.iter().map(|e| e.occurred_at).min().unwrap_or(now);
-        let attribution = Attribution::load(&*txn, &device_ids, earliest).await?;
-        let rows = fresh.iter().map(|e| {
-            let (machine, outlet) = attribution.at(e.device, e.occurred_at);
-            telemetry_event::ActiveModel {
-                id: NotSet,
-                device_id: Set(e.device),
-                event_id: Set(e.event_id.clone()),
-                event: Set(e.kind.as_str().to_owned()),
-                treatment: Set(e.treatment.map(|t| t.as_str().to_owned())),
-                counter: Set(e.counter),
-                event_type: Set(e.event_type.clone()),
-                count_basic: Set(e.legacy_counts.map(|c| c.basic)),
-                count_standard: Set(e.legacy_counts.map(|c| c.standard)),
-                count_premium: Set(e.legacy_counts.map(|c| c.premium)),
-                occurred_at: Set(e.occurred_at),
-                occurred_epoch: Set(e.occurred_at.timestamp()),
-                device_timestamp: Set(e.device_timestamp.clone()),
-                received_at: Set(e.received_at),
-                wifi_status: Set(e.wifi_status),
-                payload: Set(e.payload.clone()),
-                machine_id: Set(machine),
-                outlet_id: Set(outlet),
-            }
-        });
-        telemetry_event::Entity::insert_many(rows)
-            .on_conflict(
-                OnConflict::columns([
-                    telemetry_event::Column::DeviceId,
-                    telemetry_event::Column::EventId,
-                ])
-                .do_nothing()
-                .to_owned(),
-            )
-            .exec_without_returning(&*txn)
-            .await?;
+    let txn = db.begin_write().await?;
+    let earliest = candidates
+        .iter()
+        .map(|e| e.occurred_at)
+        .min()
+        .unwrap_or(now);
+    let attribution = Attribution::load(&*txn, &device_ids, earliest).await?;
+    let mut inserted: HashSet<(i32, String)> = HashSet::with_capacity(candidates.len());
+    for chunk in insert_chunks(&candidates) {
+        inserted.extend(insert_events(&*txn, chunk, &attribution).await?);
     }
 
     // Device status: the newest report of each device wins; every sender was seen now.
     let mut reports: HashMap<i32, StatusReport> = HashMap::new();
-    for event in &fresh {
-        let merged = reports.entry(event.device).or_default();
-        merge_report(merged, &event.report);
+    for event in &candidates {
+        if inserted.contains(&(event.device, event.event_id.clone())) {
+            merge_report(reports.entry(event.device).or_default(), &event.report);
+        }
     }
     for device in &device_ids {
         let report = reports.remove(device).unwrap_or_default();
         apply_report(&*txn, *device, &report, now).await?;
     }
     txn.commit().await?;
-    Ok(outcomes)
+
+    let mut claimed: HashSet<(i32, &str)> = HashSet::with_capacity(events.len());
+    Ok(events
+        .iter()
+        .map(|e| {
+            let key = (e.device, e.event_id.as_str());
+            if claimed.insert(key) && inserted.contains(&(e.device, e.event_id.clone())) {
+                Ingested::Stored
+            } else {
+                Ingested::Duplicate
+            }
+        })
+        .collect())
+}
+
+/// Multi-row inserts in a few fixed sizes, so that the database's prepared-statement cache
+/// holds every shape instead of preparing a new statement for each batch size.
+const INSERT_CHUNKS: [usize; 4] = [64, 16, 4, 1];
+
+fn insert_chunks<'a>(events: &'a [&'a NewEvent]) -> Vec<&'a [&'a NewEvent]> {
+    let mut chunks = Vec::new();
+    let mut rest = events;
+    while !rest.is_empty() {
+        let size = INSERT_CHUNKS
+            .into_iter()
+            .find(|size| *size <= rest.len())
+            .unwrap_or(1);
+        let (chunk, tail) = rest.split_at(size);
+        chunks.push(chunk);
+        rest = tail;
+    }
+    chunks
+}
+
+const EVENT_COLUMNS: [&str; 17] = [
+    "device_id",
+    "event_id",
+    "event",
+    "treatment",
+    "counter",
+    "event_type",
+    "count_basic",
+    "count_standard",
+    "count_premium",
+    "occurred_at",
+    "occurred_epoch",
+    "device_timestamp",
+    "received_at",
+    "wifi_status",
+    "payload",
+    "machine_id",
+    "outlet_id",
+];
+
+/// `INSERT … ON CONFLICT DO NOTHING RETURNING` for `rows` events: the rows returned are the
+/// ones that were new. Portable to SQLite (3.35+) and PostgreSQL; only placeholders differ.
+fn insert_sql(backend: DbBackend, rows: usize) -> String {
+    let columns = EVENT_COLUMNS.join(", ");
+    let mut sql = format!("INSERT INTO telemetry_events ({columns}) VALUES ");
+    let mut n = 0;
+    for row in 0..rows {
+        if row > 0 {
+            sql.push_str(", ");
+        }
+        sql.push('(');
+        for col in 0..EVENT_COLUMNS.len() {
+            if col > 0 {
+                sql.push_str(", ");
+            }
+            n += 1;
+            match backend {
+                DbBackend::Postgres => {
+                    sql.push('$');
+                    sql.push_str(&n.to_string());
+                }
+                _ => sql.push('?'),
+            }
+        }
+        sql.push(')');
+    }
+    sql.push_str(" ON CONFLICT (device_id, event_id) DO NOTHING RETURNING device_id, event_id");
+    sql
+}
+
+fn cached_insert_sql(backend: DbBackend, rows: usize) -> &'static str {
+    use std::sync::OnceLock;
+    static SQLITE: OnceLock<Vec<String>> = OnceLock::new();
+    static POSTGRES: OnceLock<Vec<String>> = OnceLock::new();
+    let (cell, backend) = match backend {
+        DbBackend::Postgres => (&POSTGRES, DbBackend::Postgres),
+        _ => (&SQLITE, DbBackend::Sqlite),
+    };
+    let all = cell.get_or_init(|| {
+        INSERT_CHUNKS
+            .iter()
+            .map(|n| insert_sql(backend, *n))
+            .collect()
+    });
+    INSERT_CHUNKS
+        .iter()
+        .position(|n| *n == rows)
+        .map(|i| all[i].as_str())
+        .unwrap_or_else(|| all[INSERT_CHUNKS.len() - 1].as_str())
+}
+
+async fn insert_events(
+    conn: &impl ConnectionTrait,
+    events: &[&NewEvent],
+    attribution: &Attribution,
+) -> Result<Vec<(i32, String)>> {
+    let backend = conn.get_database_backend();
+    let mut values: Vec<Value> = Vec::with_capacity(events.len() * EVENT_COLUMNS.len());
+    for e in events {
+        let (machine, outlet) = attribution.at(e.device, e.occurred_at);
+        values.extend([
+            e.device.into(),
+            e.event_id.clone().into(),
+            e.kind.as_str().into(),
+            e.treatment.map(Treatment::as_str).into(),
+            e.counter.into(),
+            e.event_type.clone().into(),
+            e.legacy_counts.map(|c| c.basic).into(),
+            e.legacy_counts.map(|c| c.standard).into(),
+            e.legacy_counts.map(|c| c.premium).into(),
+            e.occurred_at.into(),
+            e.occurred_at.timestamp().into(),
+            e.device_timestamp.clone().into(),
+            e.received_at.into(),
+            e.wifi_status.into(),
+            Value::Json(e.payload.clone().map(Box::new)),
+            machine.into(),
+            outlet.into(),
+        ]);
+    }
+    let sql = cached_insert_sql(backend, events.len());
+    let rows = conn
+        .query_all_raw(Statement::from_sql_and_values(backend, sql, values))
+        .await?;
+    rows.iter()
+        .map(|row| {
+            Ok((
+                row.try_get::<i32>("", "device_id")?,
+                row.try_get::<String>("", "event_id")?,
+            ))
+        })
+        .collect::<std::result::Result<Vec<_>, DbErr>>()
+        .map_err(Error::from)
 }
 
 fn merge_report(into: &mut StatusReport, newer: &StatusReport) {
@@ -639,46 +735,15 @@ pub async fn apply_report(
     report: &StatusReport,
     now: DateTime<Utc>,
 ) -> Result<()> {
-    let mut update = device_status::Entity::update_many()
-        .col_expr(device_status::Column::LastSeen, Expr::value(now))
-        .col_expr(device_status::Column::UpdatedAt, Expr::value(now))
-        .filter(device_status::Column::DeviceId.eq(device));
-    if let Some(c) = report.counters {
-        update = update
-            .col_expr(
-                device_status::Column::CurrentCountBasic,
-                Expr::value(c.basic),
-            )
-            .col_expr(
-                device_status::Column::CurrentCountStandard,
-                Expr::value(c.standard),
-            )
-            .col_expr(
-                device_status::Column::CurrentCountPremium,
-                Expr::value(c.premium),
-            );
-    }
-    if let Some(v) = report.wifi_connected {
-        update = update.col_expr(device_status::Column::WifiConnected, Expr::value(v));
-    }
-    if let Some(v) = report.rtc_available {
-        update = update.col_expr(device_status::Column::RtcAvailable, Expr::value(v));
-    }
-    if let Some(v) = report.sd_card_available {
-        update = update.col_expr(device_status::Column::SdCardAvailable, Expr::value(v));
-    }
-    if let Some(v) = report.uptime_seconds {
-        update = update.col_expr(device_status::Column::UptimeSeconds, Expr::value(v));
-    }
-    if let Some(v) = &report.device_timestamp {
-        update = update.col_expr(
-            device_status::Column::DeviceTimestamp,
-            Expr::value(v.clone()),
-        );
-    }
-    if update.exec(conn).await?.rows_affected == 0 {
+    if status_update(device, report, now)
+        .exec(conn)
+        .await?
+        .rows_affected
+        == 0
+    {
+        // Devices registered before their status row existed get one now.
         devices::ensure_status(conn, device, now).await?;
-        return Box::pin(apply_report(conn, device, report, now)).await;
+        status_update(device, report, now).exec(conn).await?;
     }
     let mut device_update = device::Entity::update_many()
         .col_expr(device::Column::LastSeen, Expr::value(now))
@@ -689,6 +754,51 @@ pub async fn apply_report(
     }
     device_update.exec(conn).await?;
     Ok(())
+}
+
+fn status_update(
+    device: i32,
+    report: &StatusReport,
+    now: DateTime<Utc>,
+) -> sea_orm::UpdateMany<device_status::Entity> {
+    use device_status::Column as C;
+    let mut update = device_status::Entity::update_many()
+        .col_expr(C::LastSeen, Expr::value(now))
+        .col_expr(C::UpdatedAt, Expr::value(now))
+        .filter(C::DeviceId.eq(device));
+    if let Some(c) = report.counters {
+        update = update
+            .col_expr(C::CurrentCountBasic, Expr::value(c.basic))
+            .col_expr(C::CurrentCountStandard, Expr::value(c.standard))
+            .col_expr(C::CurrentCountPremium, Expr::value(c.premium));
+    }
+    let flags = [
+        (C::WifiConnected, report.wifi_connected),
+        (C::RtcAvailable, report.rtc_available),
+        (C::SdCardAvailable, report.sd_card_available),
+    ];
+    for (column, value) in flags {
+        if let Some(v) = value {
+            update = update.col_expr(column, Expr::value(v));
+        }
+    }
+    if let Some(v) = report.uptime_seconds {
+        update = update.col_expr(C::UptimeSeconds, Expr::value(v));
+    }
+    if let Some(v) = &report.device_timestamp {
+        update = update.col_expr(C::DeviceTimestamp, Expr::value(v.clone()));
+    }
+    update
+}
+
+/// An `IN (…)` list padded to a power-of-two length by repeating its last id: the same few
+/// statement shapes recur, so prepared statements are reused.
+fn padded(ids: &[i32]) -> Vec<i32> {
+    let mut list = ids.to_vec();
+    if let Some(&last) = list.last() {
+        list.resize(list.len().next_power_of_two(), last);
+    }
+    list
 }
 
 /// Which machine (and its outlet) each device was bound to over a period.
@@ -705,7 +815,7 @@ impl Attribution {
         since: DateTime<Utc>,
     ) -> Result<Attribution> {
         let rows = machine_device::Entity::find()
-            .filter(machine_device::Column::DeviceId.is_in(devices.iter().copied()))
+            .filter(machine_device::Column::DeviceId.is_in(padded(devices)))
             .filter(
                 machine_device::Column::UnassignedAt
                     .is_null()
@@ -718,7 +828,9 @@ impl Attribution {
             HashMap::new()
         } else {
             machine::Entity::find()
-                .filter(machine::Column::Id.is_in(machine_ids))
+                .filter(
+                    machine::Column::Id.is_in(padded(&machine_ids.into_iter().collect::<Vec<_>>())),
+                )
                 .all(conn)
                 .await?
                 .into_iter()
