@@ -7,7 +7,11 @@ use crate::helpers::spawn_app;
 async fn firmware_vectors_replay_against_the_server() {
     let vectors = firmware_compat::load_vectors(std::path::Path::new(firmware_compat::VECTORS_DIR))
         .expect("vectors load");
-    assert!(vectors.len() >= 5, "expected the vector suite, found {}", vectors.len());
+    assert!(
+        vectors.len() >= 5,
+        "expected the vector suite, found {}",
+        vectors.len()
+    );
     for vector in vectors {
         let app = spawn_app().await;
         let mut admin = |args: &[String]| -> anyhow::Result<String> {

@@ -5,7 +5,7 @@ mod helpers;
 
 mod cli;
 mod commands;
-// mod compat;
+mod compat;
 mod events;
 mod handshake;
 mod legacy;
