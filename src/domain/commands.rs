@@ -217,6 +217,7 @@ pub struct CommandResult {
     pub success: bool,
     pub message: Option<String>,
     pub response_data: Option<Json>,
+    #[serde(default, deserialize_with = "crate::domain::events::counters_object")]
     pub current_counters: Option<Counters>,
 }
 
@@ -263,6 +264,15 @@ pub async fn report_result(
         apply_report(&*txn, device.id, &StatusReport::default(), now).await?;
         txn.commit().await?;
         return Ok(cmd);
+    }
+    if cmd.expires_at.is_some_and(|at| at <= now) {
+        // Expired but not swept yet: the outcome must not depend on the sweeper's timing.
+        let mut active: command::ActiveModel = cmd.into();
+        active.status = Set(Status::Timeout.as_str().to_owned());
+        let timed_out = active.update(&*txn).await?;
+        apply_report(&*txn, device.id, &StatusReport::default(), now).await?;
+        txn.commit().await?;
+        return Ok(timed_out);
     }
     let is_reset = cmd.command_type.eq_ignore_ascii_case("RESET");
     let new_status = if result.success {

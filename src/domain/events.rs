@@ -103,6 +103,23 @@ impl Counters {
     }
 }
 
+/// Reads `current_counters`, which must be an object (`null` or absent means not reported).
+pub fn counters_object<'de, D>(deserializer: D) -> std::result::Result<Option<Counters>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    use serde::de::Error as _;
+    match Option::<Json>::deserialize(deserializer)? {
+        None | Some(Json::Null) => Ok(None),
+        Some(object @ Json::Object(_)) => serde_json::from_value(object)
+            .map(Some)
+            .map_err(D::Error::custom),
+        Some(_) => Err(D::Error::custom(
+            "current_counters must be an object {basic, standard, premium}",
+        )),
+    }
+}
+
 /// What an event tells about its device, applied to `device_status` when the event is new.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct StatusReport {
@@ -143,6 +160,7 @@ pub struct DeviceEvent {
     pub treatment: Option<String>,
     pub counter: Option<i64>,
     pub ts: Option<Json>,
+    #[serde(default, deserialize_with = "counters_object")]
     pub current_counters: Option<Counters>,
     #[serde(alias = "wifi_status")]
     pub wifi_connected: Option<bool>,

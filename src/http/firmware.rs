@@ -94,19 +94,41 @@ fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<(T, Value)> {
     if !raw.is_object() {
         return Err(Error::invalid("invalid_body", "the body must be a JSON object").into());
     }
+    if contains_nul(&raw) {
+        return Err(nul_error().into());
+    }
     let parsed = T::deserialize(&raw)
         .map_err(|e| Error::invalid("invalid_body", format!("the body does not fit: {e}")))?;
     Ok((parsed, raw))
 }
 
 fn parse_form<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
-    serde_urlencoded::from_bytes(bytes).map_err(|e| {
-        Error::Malformed {
-            code: "malformed_form",
-            detail: format!("the form body cannot be read: {e}"),
-        }
-        .into()
-    })
+    let malformed = |e: serde_urlencoded::de::Error| Error::Malformed {
+        code: "malformed_form",
+        detail: format!("the form body cannot be read: {e}"),
+    };
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_bytes(bytes).map_err(malformed)?;
+    if pairs
+        .iter()
+        .any(|(k, v)| k.contains('\0') || v.contains('\0'))
+    {
+        return Err(nul_error().into());
+    }
+    Ok(serde_urlencoded::from_bytes(bytes).map_err(malformed)?)
+}
+
+/// NUL cannot be stored in PostgreSQL text or jsonb: refuse it on every backend alike.
+fn contains_nul(value: &Value) -> bool {
+    match value {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(items) => items.iter().any(contains_nul),
+        Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || contains_nul(v)),
+        _ => false,
+    }
+}
+
+fn nul_error() -> Error {
+    Error::invalid("invalid_body", "text must not contain NUL characters")
 }
 
 #[derive(Debug, Deserialize)]

@@ -186,6 +186,13 @@ async fn results_are_accepted_by_numeric_id_or_command_id() {
     )
     .await
     .assert_error(422, "invalid_body");
+    app.report(
+        &d,
+        &by_id["id"].to_string(),
+        json!({"success": true, "current_counters": "0,0,0"}),
+    )
+    .await
+    .assert_error(422, "invalid_body");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -354,6 +361,33 @@ async fn expired_commands_are_not_delivered_and_time_out() {
             .await
             .status,
         "sent"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_after_expiry_times_the_command_out_even_before_the_sweep() {
+    // The sweeper runs hourly here, so only the result path can time the command out.
+    let app = spawn_app_with(|s| s.command_sweep_interval_ms = 3_600_000).await;
+    let d = app.assigned_device("EC:E3:34:46:2B:C0", "M-1").await;
+    let expired = commands::create(
+        &app.state.db,
+        &d.device_id,
+        NewCommand {
+            command_type: "REBOOT".into(),
+            expires_in: Some(std::time::Duration::ZERO),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let reply = app
+        .report(&d, &expired.command_id, json!({"success": true}))
+        .await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.body["status"], "timeout");
+    assert_eq!(
+        command_row(&app, &expired.command_id).await.status,
+        "timeout"
     );
 }
 

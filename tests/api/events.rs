@@ -197,6 +197,27 @@ async fn bad_bodies_get_clear_client_errors() {
     )
     .await
     .assert_error(422, "invalid_counters");
+    app.post_json(
+        path,
+        Some(&d.token),
+        &json!({"event_id": "a", "treatment": "BASIC", "current_counters": [1, 2, 3]}),
+    )
+    .await
+    .assert_error(422, "invalid_body");
+    app.post_json(
+        path,
+        Some(&d.token),
+        &json!({"event_id": "a\u{0}b", "treatment": "BASIC"}),
+    )
+    .await
+    .assert_error(422, "invalid_body");
+    app.post_json(
+        path,
+        Some(&d.token),
+        &json!({"event_id": "a", "treatment": "BASIC", "note": {"deep": ["x\u{0}"]}}),
+    )
+    .await
+    .assert_error(422, "invalid_body");
     assert!(stored_events(&app).await.is_empty());
 }
 

@@ -78,6 +78,14 @@ async fn bad_legacy_forms_get_clear_errors() {
     )
     .await
     .assert_error(422, "invalid_count");
+    app.post_raw(
+        "/api/iot/",
+        None,
+        FORM,
+        "mode=BASIC&macaddr=ece334462bc0&timestamp=2024%00",
+    )
+    .await
+    .assert_error(422, "invalid_body");
     assert_eq!(
         telemetry_event::Entity::find()
             .count(app.db())
