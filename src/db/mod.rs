@@ -14,6 +14,16 @@ use sea_orm::{
 };
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
+/// An `IN (…)` list padded to a power-of-two length by repeating its last id: the same few
+/// statement shapes recur, so prepared statements are reused instead of prepared per call.
+pub fn padded_ids(ids: &[i32]) -> Vec<i32> {
+    let mut list = ids.to_vec();
+    if let Some(&last) = list.last() {
+        list.resize(list.len().next_power_of_two(), last);
+    }
+    list
+}
+
 #[derive(Clone)]
 pub struct Db {
     conn: DatabaseConnection,

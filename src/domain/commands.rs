@@ -20,7 +20,9 @@ use crate::{
     },
     domain::{
         devices::{self, AuthenticatedDevice},
-        events::{apply_report, Attribution, Counters, StatusReport},
+        events::Counters,
+        fleet::Attribution,
+        status::{self, StatusReport},
     },
     error::{Entity, Error, Result},
 };
@@ -261,7 +263,7 @@ pub async fn report_result(
     }
     let status = Status::parse(&cmd.status).unwrap_or(Status::Pending);
     if status.is_final() {
-        apply_report(&*txn, device.id, &StatusReport::default(), now).await?;
+        status::record(&*txn, device.id, &StatusReport::default(), now).await?;
         txn.commit().await?;
         return Ok(cmd);
     }
@@ -270,7 +272,7 @@ pub async fn report_result(
         let mut active: command::ActiveModel = cmd.into();
         active.status = Set(Status::Timeout.as_str().to_owned());
         let timed_out = active.update(&*txn).await?;
-        apply_report(&*txn, device.id, &StatusReport::default(), now).await?;
+        status::record(&*txn, device.id, &StatusReport::default(), now).await?;
         txn.commit().await?;
         return Ok(timed_out);
     }
@@ -306,7 +308,7 @@ pub async fn report_result(
     } else {
         counters
     };
-    apply_report(
+    status::record(
         &*txn,
         device.id,
         &StatusReport {

@@ -1,16 +1,20 @@
 //! Outlets, machines and which device each machine carries. Binding history is kept so that
 //! moving a device never moves its past events.
 
+use std::collections::{HashMap, HashSet};
+
 use chrono::{DateTime, Utc};
 use sea_orm::{
-    sea_query::Expr, ActiveModelTrait, ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait,
-    QueryFilter,
+    sea_query::{Expr, ExprTrait},
+    ActiveModelTrait,
+    ActiveValue::Set,
+    ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter,
 };
 
 use crate::{
     db::{
         entities::{device, machine, machine_device, outlet},
-        Db,
+        padded_ids, Db,
     },
     domain::devices::{self, Mac, TokenCache},
     error::{Entity, Error, Result},
@@ -239,4 +243,63 @@ pub async fn unassign_machine(db: &Db, cache: &TokenCache, machine_id: i32) -> R
     }
     txn.commit().await?;
     Ok(())
+}
+
+/// Which machine (and its outlet) each device was bound to over a period.
+pub struct Attribution {
+    bindings: HashMap<i32, Vec<machine_device::Model>>,
+    outlets: HashMap<i32, Option<i32>>,
+}
+
+impl Attribution {
+    /// Loads the bindings of `devices` that were open at or after `since`.
+    pub async fn load(
+        conn: &impl ConnectionTrait,
+        devices: &[i32],
+        since: DateTime<Utc>,
+    ) -> Result<Attribution> {
+        let rows = machine_device::Entity::find()
+            .filter(machine_device::Column::DeviceId.is_in(padded_ids(devices)))
+            .filter(
+                machine_device::Column::UnassignedAt
+                    .is_null()
+                    .or(machine_device::Column::UnassignedAt.gt(since)),
+            )
+            .all(conn)
+            .await?;
+        let machine_ids: HashSet<i32> = rows.iter().map(|b| b.machine_id).collect();
+        let outlets = if machine_ids.is_empty() {
+            HashMap::new()
+        } else {
+            machine::Entity::find()
+                .filter(
+                    machine::Column::Id
+                        .is_in(padded_ids(&machine_ids.into_iter().collect::<Vec<_>>())),
+                )
+                .all(conn)
+                .await?
+                .into_iter()
+                .map(|m| (m.id, m.outlet_id))
+                .collect()
+        };
+        let mut bindings: HashMap<i32, Vec<machine_device::Model>> = HashMap::new();
+        for row in rows {
+            bindings.entry(row.device_id).or_default().push(row);
+        }
+        Ok(Attribution { bindings, outlets })
+    }
+
+    /// The machine and outlet a device was bound to at `at`. An event stamped before the
+    /// current binding started (a clock set after the fact) goes to the binding open then,
+    /// if any.
+    pub fn at(&self, device: i32, at: DateTime<Utc>) -> (Option<i32>, Option<i32>) {
+        let machine = self.bindings.get(&device).and_then(|rows| {
+            rows.iter()
+                .filter(|b| b.assigned_at <= at && b.unassigned_at.is_none_or(|u| u > at))
+                .max_by_key(|b| b.assigned_at)
+                .map(|b| b.machine_id)
+        });
+        let outlet = machine.and_then(|m| self.outlets.get(&m).copied().flatten());
+        (machine, outlet)
+    }
 }

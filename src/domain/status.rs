@@ -1,10 +1,213 @@
-//! Device presence: `online`, `idle` or `offline` from MQTT presence and the age of the last
-//! poll (falling back to the last contact).
+//! Device status: what devices report about themselves (counters, flags, last contact), and
+//! presence — `online`, `idle` or `offline` from MQTT presence and the age of the last poll
+//! (falling back to the last contact).
+
+use std::collections::HashMap;
 
 use chrono::{DateTime, Duration, Utc};
+use sea_orm::{ConnectionTrait, DbBackend, Statement, Value};
 use serde::Serialize;
 
-use crate::db::entities::device_status;
+use crate::{
+    db::{entities::device_status, padded_ids},
+    domain::{devices, events::Counters},
+    error::Result,
+};
+
+/// What a device tells about itself with an event or a command result.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StatusReport {
+    pub firmware: Option<String>,
+    pub counters: Option<Counters>,
+    pub wifi_connected: Option<bool>,
+    pub rtc_available: Option<bool>,
+    pub sd_card_available: Option<bool>,
+    pub uptime_seconds: Option<i64>,
+    pub device_timestamp: Option<String>,
+}
+
+impl StatusReport {
+    /// Takes every field the newer report carries.
+    pub fn merge(&mut self, newer: &StatusReport) {
+        macro_rules! take {
+            ($($f:ident),*) => { $( if newer.$f.is_some() { self.$f = newer.$f.clone(); } )* };
+        }
+        take!(
+            firmware,
+            counters,
+            wifi_connected,
+            rtc_available,
+            sd_card_available,
+            uptime_seconds,
+            device_timestamp
+        );
+    }
+}
+
+/// Records contact from one device: its report, and that it was seen `now`.
+pub async fn record(
+    conn: &impl ConnectionTrait,
+    device: i32,
+    report: &StatusReport,
+    now: DateTime<Utc>,
+) -> Result<()> {
+    record_many(conn, &[(device, report)], now, &HashMap::new())
+        .await
+        .map(|_| ())
+}
+
+/// Records contact from many devices in two statements, whatever their number: one `UPDATE …
+/// FROM (VALUES …)` for the status rows (fields a report lacks keep their value) and one for
+/// `devices.last_seen`. The firmware column is written only when it differs from
+/// `firmware_known` (what the caller last stored); the writes made are returned.
+pub async fn record_many(
+    conn: &impl ConnectionTrait,
+    reports: &[(i32, &StatusReport)],
+    now: DateTime<Utc>,
+    firmware_known: &HashMap<i32, String>,
+) -> Result<Vec<(i32, String)>> {
+    let mut firmware_writes = Vec::new();
+    if reports.is_empty() {
+        return Ok(firmware_writes);
+    }
+    let backend = conn.get_database_backend();
+    // Rows are padded to a power of two with copies of the last one (identical updates), so
+    // that few statement shapes recur and stay prepared.
+    let rows = reports.len().next_power_of_two();
+    let mut values: Vec<Value> = vec![now.into(), now.into()];
+    for i in 0..rows {
+        let (device, r) = reports[i.min(reports.len() - 1)];
+        values.extend([
+            device.into(),
+            r.counters.map(|c| c.basic).into(),
+            r.counters.map(|c| c.standard).into(),
+            r.counters.map(|c| c.premium).into(),
+            r.wifi_connected.into(),
+            r.rtc_available.into(),
+            r.sd_card_available.into(),
+            r.uptime_seconds.into(),
+            r.device_timestamp.clone().into(),
+        ]);
+    }
+    let sql = status_update_sql(backend, rows);
+    let updated = conn
+        .execute_raw(Statement::from_sql_and_values(backend, sql, values.clone()))
+        .await?
+        .rows_affected();
+    if updated < reports.len() as u64 {
+        // A device registered before it had a status row gets one, then the update again.
+        for (device, _) in reports {
+            devices::ensure_status(conn, *device, now).await?;
+        }
+        conn.execute_raw(Statement::from_sql_and_values(backend, sql, values))
+            .await?;
+    }
+
+    let ids: Vec<i32> = reports.iter().map(|(d, _)| *d).collect();
+    let mut values: Vec<Value> = vec![now.into()];
+    values.extend(padded_ids(&ids).into_iter().map(Value::from));
+    let sql = format!(
+        "UPDATE devices SET last_seen = {} WHERE id IN ({})",
+        placeholder(backend, 1),
+        (2..values.len() + 1)
+            .map(|n| placeholder(backend, n))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    conn.execute_raw(Statement::from_sql_and_values(backend, sql, values))
+        .await?;
+
+    for (device, report) in reports {
+        let Some(firmware) = &report.firmware else {
+            continue;
+        };
+        if firmware_known.get(device) == Some(firmware) {
+            continue;
+        }
+        conn.execute_raw(Statement::from_sql_and_values(
+            backend,
+            format!(
+                "UPDATE devices SET firmware = {} WHERE id = {}",
+                placeholder(backend, 1),
+                placeholder(backend, 2)
+            ),
+            [firmware.clone().into(), (*device).into()],
+        ))
+        .await?;
+        firmware_writes.push((*device, firmware.clone()));
+    }
+    Ok(firmware_writes)
+}
+
+fn placeholder(backend: DbBackend, n: usize) -> String {
+    match backend {
+        DbBackend::Postgres => format!("${n}"),
+        _ => "?".to_owned(),
+    }
+}
+
+/// Columns of the `VALUES` rows, in order, with their SQL types; `column1` is the device.
+const REPORT_COLUMNS: [(&str, &str); 8] = [
+    ("current_count_basic", "BIGINT"),
+    ("current_count_standard", "BIGINT"),
+    ("current_count_premium", "BIGINT"),
+    ("wifi_connected", "BOOLEAN"),
+    ("rtc_available", "BOOLEAN"),
+    ("sd_card_available", "BOOLEAN"),
+    ("uptime_seconds", "BIGINT"),
+    ("device_timestamp", "TEXT"),
+];
+
+/// `UPDATE … FROM (VALUES …)`: SQLite (3.33+) and PostgreSQL both name the columns of a
+/// `VALUES` list `column1…N`, so one text serves both, placeholders aside.
+fn status_update_sql(backend: DbBackend, rows: usize) -> &'static str {
+    use std::sync::OnceLock;
+    static SQLITE: OnceLock<std::sync::Mutex<HashMap<usize, &'static str>>> = OnceLock::new();
+    static POSTGRES: OnceLock<std::sync::Mutex<HashMap<usize, &'static str>>> = OnceLock::new();
+    let cell = match backend {
+        DbBackend::Postgres => &POSTGRES,
+        _ => &SQLITE,
+    };
+    let mut cache = cell
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    cache
+        .entry(rows)
+        .or_insert_with(|| Box::leak(build_status_update_sql(backend, rows).into_boxed_str()))
+}
+
+fn build_status_update_sql(backend: DbBackend, rows: usize) -> String {
+    let mut n = 0;
+    let mut next = || {
+        n += 1;
+        placeholder(backend, n)
+    };
+    let mut sql = format!(
+        "UPDATE device_status SET last_seen = {}, updated_at = {}",
+        next(),
+        next()
+    );
+    for (i, (column, _)) in REPORT_COLUMNS.iter().enumerate() {
+        sql.push_str(&format!(
+            ", {column} = COALESCE(v.column{}, device_status.{column})",
+            i + 2
+        ));
+    }
+    sql.push_str(" FROM (VALUES ");
+    for row in 0..rows {
+        if row > 0 {
+            sql.push_str(", ");
+        }
+        sql.push_str(&format!("(CAST({} AS INTEGER)", next()));
+        for (_, ty) in REPORT_COLUMNS {
+            sql.push_str(&format!(", CAST({} AS {ty})", next()));
+        }
+        sql.push(')');
+    }
+    sql.push_str(") AS v WHERE device_status.device_id = v.column1");
+    sql
+}
 
 #[derive(Debug, Clone, Copy)]
 pub struct Thresholds {

@@ -404,3 +404,98 @@ mod futures_util_free {
         out
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_reports_of_many_devices_are_recorded_in_one_statement() {
+    use ozone::domain::{events::Counters, status};
+    let app = spawn_app().await;
+    let a = app.handshake("EC:E3:34:46:2B:C0").await;
+    let b = app.handshake("EC:E3:34:46:2B:C1").await;
+    let c = app.handshake("EC:E3:34:46:2B:C2").await;
+    app.post_event(
+        &b,
+        "b1",
+        json!({"current_counters": {"basic": 4, "standard": 5, "premium": 6}}),
+    )
+    .await;
+    let pk = |d: &crate::helpers::Device| {
+        let id = d.device_id.clone();
+        let db = app.db().clone();
+        async move {
+            ozone::domain::devices::find_by_device_id(&db, &id)
+                .await
+                .unwrap()
+                .id
+        }
+    };
+    let (pa, pb, pc) = (pk(&a).await, pk(&b).await, pk(&c).await);
+    let with_counters = status::StatusReport {
+        counters: Some(Counters {
+            basic: 1,
+            standard: 2,
+            premium: 3,
+        }),
+        firmware: Some("9.9.9".into()),
+        ..Default::default()
+    };
+    let wifi_only = status::StatusReport {
+        wifi_connected: Some(true),
+        uptime_seconds: Some(77),
+        ..Default::default()
+    };
+    let nothing = status::StatusReport::default();
+    let now = chrono::Utc::now();
+    let txn = app.state.db.begin_write().await.unwrap();
+    let firmware = status::record_many(
+        &*txn,
+        &[(pa, &with_counters), (pb, &wifi_only), (pc, &nothing)],
+        now,
+        &Default::default(),
+    )
+    .await
+    .unwrap();
+    txn.commit().await.unwrap();
+    assert_eq!(firmware, vec![(pa, "9.9.9".to_owned())]);
+
+    let mut rows = Vec::new();
+    for id in [pa, pb, pc] {
+        rows.push(
+            device_status::Entity::find_by_id(id)
+                .one(app.db())
+                .await
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    let (ra, rb, rc) = (&rows[0], &rows[1], &rows[2]);
+    assert_eq!(
+        (
+            ra.current_count_basic,
+            ra.current_count_standard,
+            ra.current_count_premium
+        ),
+        (1, 2, 3)
+    );
+    assert_eq!(
+        (
+            rb.current_count_basic,
+            rb.current_count_standard,
+            rb.current_count_premium
+        ),
+        (4, 5, 6),
+        "untouched without counters"
+    );
+    assert!(rb.wifi_connected);
+    assert_eq!(rb.uptime_seconds, Some(77));
+    assert!(!rc.wifi_connected);
+    for r in [ra, rb, rc] {
+        assert_eq!(
+            r.last_seen.map(|t| t.timestamp_micros()),
+            Some(now.timestamp_micros())
+        );
+    }
+    let device_a = ozone::domain::devices::find_by_device_id(app.db(), &a.device_id)
+        .await
+        .unwrap();
+    assert_eq!(device_a.firmware, "9.9.9");
+}

@@ -1,0 +1,313 @@
+//! The group-commit writer: events queued while a commit is in flight share the next
+//! transaction, and each is acknowledged only after that commit.
+
+use std::collections::{HashMap, HashSet};
+
+use chrono::Utc;
+use sea_orm::{ConnectionTrait, DbBackend, DbErr, Statement, Value};
+use tokio::sync::{mpsc, oneshot, Notify};
+
+use super::{NewEvent, Treatment};
+use crate::{
+    db::Db,
+    domain::{fleet::Attribution, status},
+    error::{Error, Result},
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ingested {
+    Stored,
+    Duplicate,
+}
+
+struct Job {
+    event: NewEvent,
+    done: oneshot::Sender<Result<Ingested>>,
+}
+
+/// Hands events to the group-commit writer.
+#[derive(Clone)]
+pub struct Ingestor {
+    tx: mpsc::Sender<Job>,
+    stop: std::sync::Arc<Notify>,
+}
+
+impl Ingestor {
+    /// Starts the writer. At most `batch_max` events share a transaction; a batch is whatever
+    /// queued while the previous commit was in flight, so an idle server commits each event at
+    /// once and a busy one amortises the fsync.
+    pub fn start(db: Db, batch_max: usize) -> (Ingestor, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(batch_max.max(1) * 8);
+        let stop = std::sync::Arc::new(Notify::new());
+        let task = tokio::spawn(run_writer(db, rx, batch_max.max(1), stop.clone()));
+        (Ingestor { tx, stop }, task)
+    }
+
+    /// Resolves once the event is durably stored (or known to be a duplicate).
+    pub async fn submit(&self, event: NewEvent) -> Result<Ingested> {
+        let (done, outcome) = oneshot::channel();
+        self.tx
+            .send(Job { event, done })
+            .await
+            .map_err(|_| Error::Unavailable)?;
+        outcome.await.map_err(|_| Error::Unavailable)?
+    }
+
+    /// Stops accepting events; everything already queued is still committed.
+    pub fn shutdown(&self) {
+        self.stop.notify_one();
+    }
+}
+
+async fn run_writer(
+    db: Db,
+    mut rx: mpsc::Receiver<Job>,
+    batch_max: usize,
+    stop: std::sync::Arc<Notify>,
+) {
+    let mut stopping = false;
+    let mut firmware_written: HashMap<i32, String> = HashMap::new();
+    loop {
+        let first = if stopping {
+            rx.recv().await
+        } else {
+            tokio::select! {
+                job = rx.recv() => job,
+                _ = stop.notified() => {
+                    stopping = true;
+                    rx.close();
+                    continue;
+                }
+            }
+        };
+        let Some(first) = first else { break };
+        let mut jobs = vec![first];
+        while jobs.len() < batch_max {
+            match rx.try_recv() {
+                Ok(job) => jobs.push(job),
+                Err(_) => break,
+            }
+        }
+        let events: Vec<&NewEvent> = jobs.iter().map(|j| &j.event).collect();
+        match commit_batch(&db, &events, &mut firmware_written).await {
+            Ok(outcomes) => {
+                for (job, outcome) in jobs.into_iter().zip(outcomes) {
+                    let _ = job.done.send(Ok(outcome));
+                }
+            }
+            Err(err) if jobs.len() > 1 => {
+                // One bad event must not fail its neighbours: retry them one by one.
+                tracing::warn!(error = %err, size = jobs.len(), "event batch failed; committing individually");
+                for job in jobs {
+                    let outcome = commit_batch(&db, &[&job.event], &mut firmware_written)
+                        .await
+                        .map(|mut o| o.pop().unwrap_or(Ingested::Duplicate));
+                    let _ = job.done.send(outcome);
+                }
+            }
+            Err(err) => {
+                for job in jobs {
+                    let _ = job.done.send(Err(Error::Internal(err.to_string())));
+                }
+            }
+        }
+    }
+}
+
+/// Commits a batch in one transaction and says, per event, whether it was new.
+async fn commit_batch(
+    db: &Db,
+    events: &[&NewEvent],
+    firmware_written: &mut HashMap<i32, String>,
+) -> Result<Vec<Ingested>> {
+    let now = Utc::now();
+    // Repeats within the batch: the first occurrence is the one that may be new.
+    let mut first_seen: HashSet<(i32, &str)> = HashSet::with_capacity(events.len());
+    let candidates: Vec<&NewEvent> = events
+        .iter()
+        .copied()
+        .filter(|e| first_seen.insert((e.device, e.event_id.as_str())))
+        .collect();
+    let mut device_ids: Vec<i32> = events.iter().map(|e| e.device).collect();
+    device_ids.sort_unstable();
+    device_ids.dedup();
+
+    let txn = db.begin_write().await?;
+    let earliest = candidates
+        .iter()
+        .map(|e| e.occurred_at)
+        .min()
+        .unwrap_or(now);
+    let attribution = Attribution::load(&*txn, &device_ids, earliest).await?;
+    let mut inserted: HashSet<(i32, String)> = HashSet::with_capacity(candidates.len());
+    for chunk in insert_chunks(&candidates) {
+        inserted.extend(insert_events(&*txn, chunk, &attribution).await?);
+    }
+
+    // Device status: the newest report of each device wins; every sender was seen now.
+    let mut reports: HashMap<i32, status::StatusReport> = HashMap::new();
+    for event in &candidates {
+        if inserted.contains(&(event.device, event.event_id.clone())) {
+            reports
+                .entry(event.device)
+                .or_default()
+                .merge(&event.report);
+        }
+    }
+    let empty = status::StatusReport::default();
+    let contact: Vec<(i32, &status::StatusReport)> = device_ids
+        .iter()
+        .map(|d| (*d, reports.get(d).unwrap_or(&empty)))
+        .collect();
+    let firmware_writes = status::record_many(&*txn, &contact, now, firmware_written).await?;
+    txn.commit().await?;
+    // Remembered only once committed.
+    firmware_written.extend(firmware_writes);
+
+    let mut claimed: HashSet<(i32, &str)> = HashSet::with_capacity(events.len());
+    Ok(events
+        .iter()
+        .map(|e| {
+            let key = (e.device, e.event_id.as_str());
+            if claimed.insert(key) && inserted.contains(&(e.device, e.event_id.clone())) {
+                Ingested::Stored
+            } else {
+                Ingested::Duplicate
+            }
+        })
+        .collect())
+}
+
+/// Multi-row inserts in a few fixed sizes, so that the database's prepared-statement cache
+/// holds every shape instead of preparing a new statement for each batch size.
+const INSERT_CHUNKS: [usize; 4] = [64, 16, 4, 1];
+
+fn insert_chunks<'a>(events: &'a [&'a NewEvent]) -> Vec<&'a [&'a NewEvent]> {
+    let mut chunks = Vec::new();
+    let mut rest = events;
+    while !rest.is_empty() {
+        let size = INSERT_CHUNKS
+            .into_iter()
+            .find(|size| *size <= rest.len())
+            .unwrap_or(1);
+        let (chunk, tail) = rest.split_at(size);
+        chunks.push(chunk);
+        rest = tail;
+    }
+    chunks
+}
+
+const EVENT_COLUMNS: [&str; 17] = [
+    "device_id",
+    "event_id",
+    "event",
+    "treatment",
+    "counter",
+    "event_type",
+    "count_basic",
+    "count_standard",
+    "count_premium",
+    "occurred_at",
+    "occurred_epoch",
+    "device_timestamp",
+    "received_at",
+    "wifi_status",
+    "payload",
+    "machine_id",
+    "outlet_id",
+];
+
+/// `INSERT … ON CONFLICT DO NOTHING RETURNING` for `rows` events: the rows returned are the
+/// ones that were new. Portable to SQLite (3.35+) and PostgreSQL; only placeholders differ.
+fn insert_sql(backend: DbBackend, rows: usize) -> String {
+    let columns = EVENT_COLUMNS.join(", ");
+    let mut sql = format!("INSERT INTO telemetry_events ({columns}) VALUES ");
+    let mut n = 0;
+    for row in 0..rows {
+        if row > 0 {
+            sql.push_str(", ");
+        }
+        sql.push('(');
+        for col in 0..EVENT_COLUMNS.len() {
+            if col > 0 {
+                sql.push_str(", ");
+            }
+            n += 1;
+            match backend {
+                DbBackend::Postgres => {
+                    sql.push('$');
+                    sql.push_str(&n.to_string());
+                }
+                _ => sql.push('?'),
+            }
+        }
+        sql.push(')');
+    }
+    sql.push_str(" ON CONFLICT (device_id, event_id) DO NOTHING RETURNING device_id, event_id");
+    sql
+}
+
+fn cached_insert_sql(backend: DbBackend, rows: usize) -> &'static str {
+    use std::sync::OnceLock;
+    static SQLITE: OnceLock<Vec<String>> = OnceLock::new();
+    static POSTGRES: OnceLock<Vec<String>> = OnceLock::new();
+    let (cell, backend) = match backend {
+        DbBackend::Postgres => (&POSTGRES, DbBackend::Postgres),
+        _ => (&SQLITE, DbBackend::Sqlite),
+    };
+    let all = cell.get_or_init(|| {
+        INSERT_CHUNKS
+            .iter()
+            .map(|n| insert_sql(backend, *n))
+            .collect()
+    });
+    INSERT_CHUNKS
+        .iter()
+        .position(|n| *n == rows)
+        .map(|i| all[i].as_str())
+        .unwrap_or_else(|| all[INSERT_CHUNKS.len() - 1].as_str())
+}
+
+async fn insert_events(
+    conn: &impl ConnectionTrait,
+    events: &[&NewEvent],
+    attribution: &Attribution,
+) -> Result<Vec<(i32, String)>> {
+    let backend = conn.get_database_backend();
+    let mut values: Vec<Value> = Vec::with_capacity(events.len() * EVENT_COLUMNS.len());
+    for e in events {
+        let (machine, outlet) = attribution.at(e.device, e.occurred_at);
+        values.extend([
+            e.device.into(),
+            e.event_id.clone().into(),
+            e.kind.as_str().into(),
+            e.treatment.map(Treatment::as_str).into(),
+            e.counter.into(),
+            e.event_type.clone().into(),
+            e.legacy_counts.map(|c| c.basic).into(),
+            e.legacy_counts.map(|c| c.standard).into(),
+            e.legacy_counts.map(|c| c.premium).into(),
+            e.occurred_at.into(),
+            e.occurred_at.timestamp().into(),
+            e.device_timestamp.clone().into(),
+            e.received_at.into(),
+            e.wifi_status.into(),
+            Value::Json(e.payload.clone().map(Box::new)),
+            machine.into(),
+            outlet.into(),
+        ]);
+    }
+    let sql = cached_insert_sql(backend, events.len());
+    let rows = conn
+        .query_all_raw(Statement::from_sql_and_values(backend, sql, values))
+        .await?;
+    rows.iter()
+        .map(|row| {
+            Ok((
+                row.try_get::<i32>("", "device_id")?,
+                row.try_get::<String>("", "event_id")?,
+            ))
+        })
+        .collect::<std::result::Result<Vec<_>, DbErr>>()
+        .map_err(Error::from)
+}
