@@ -9,7 +9,7 @@ use poem::{
     listener::{Acceptor, Listener, TcpAcceptor, TcpListener},
     Server,
 };
-use tokio::{sync::Notify, task::JoinHandle};
+use tokio::{sync::watch, task::JoinHandle};
 
 use crate::{
     config::Settings,
@@ -32,7 +32,8 @@ pub struct Application {
     http_addr: SocketAddr,
     ingest_task: JoinHandle<()>,
     sweeper: JoinHandle<()>,
-    stop_sweeper: Arc<Notify>,
+    checkpointer: JoinHandle<()>,
+    stop_background: watch::Sender<bool>,
 }
 
 /// Opens the database and applies pending migrations.
@@ -64,12 +65,13 @@ impl Application {
             .and_then(|a| a.as_socket_addr().copied())
             .context("HTTP listener has no address")?;
         let (ingestor, ingest_task) = Ingestor::start(db.clone(), settings.ingest_batch_max);
-        let stop_sweeper = Arc::new(Notify::new());
+        let (stop_background, stopped) = watch::channel(false);
         let sweeper = commands::spawn_sweeper(
             db.clone(),
             settings.command_sweep_interval(),
-            stop_sweeper.clone(),
+            stopped.clone(),
         );
+        let checkpointer = spawn_checkpointer(db.clone(), stopped);
         let tokens = TokenCache::new(Duration::from_millis(settings.token_cache_ttl_ms));
         Ok(Application {
             state: Arc::new(AppState {
@@ -82,7 +84,8 @@ impl Application {
             http_addr,
             ingest_task,
             sweeper,
-            stop_sweeper,
+            checkpointer,
+            stop_background,
         })
     }
 
@@ -109,11 +112,29 @@ impl Application {
         if let Err(err) = self.ingest_task.await {
             tracing::error!(error = %err, "event writer ended abnormally");
         }
-        self.stop_sweeper.notify_one();
+        let _ = self.stop_background.send(true);
         let _ = self.sweeper.await;
+        let _ = self.checkpointer.await;
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// Checkpoints the SQLite WAL every second, off the event writer's path.
+fn spawn_checkpointer(db: Db, mut stop: watch::Receiver<bool>) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {
+                    if let Err(err) = db.checkpoint().await {
+                        tracing::warn!(error = %err, "WAL checkpoint failed");
+                    }
+                }
+                _ = stop.changed() => break,
+            }
+        }
+    })
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -1,7 +1,8 @@
 //! Database connection and write transactions.
 //!
-//! SQLite specifics live here and nowhere else: connection pragmas, and a process-wide write
-//! lock so that writers queue in memory instead of spinning in SQLite's busy handler.
+//! SQLite specifics live here and nowhere else: connection pragmas, one dedicated writer
+//! connection (its page cache stays warm, and writers queue in memory instead of spinning in
+//! SQLite's busy handler), and WAL checkpoints run off the writer's path.
 
 pub mod entities;
 
@@ -26,38 +27,69 @@ pub fn padded_ids(ids: &[i32]) -> Vec<i32> {
 
 #[derive(Clone)]
 pub struct Db {
+    /// Readers (and, on PostgreSQL, writers too).
     conn: DatabaseConnection,
+    /// Where write transactions run: on SQLite a pool of exactly one connection.
+    writer: DatabaseConnection,
     /// `Some` on SQLite, which has a single writer.
     write_lock: Option<Arc<Mutex<()>>>,
 }
 
 impl Db {
     pub async fn connect(url: &str, max_connections: u32) -> Result<Db, DbErr> {
-        let sqlite = url.starts_with("sqlite:");
-        let mut options = ConnectOptions::new(url.to_owned());
-        options
-            .max_connections(max_connections.max(if sqlite { 2 } else { 1 }))
-            .min_connections(1)
-            .acquire_timeout(Duration::from_secs(10))
-            .sqlx_logging(false);
-        if sqlite {
-            // FULL: a commit is on disk before the device is told it is.
-            options.map_sqlx_sqlite_opts(|o| {
-                o.journal_mode(SqliteJournalMode::Wal)
-                    .synchronous(SqliteSynchronous::Full)
-                    .busy_timeout(Duration::from_secs(10))
-                    .foreign_keys(true)
-                    .create_if_missing(true)
-                    .pragma("cache_size", "-32768")
-                    .pragma("mmap_size", "268435456")
-                    .pragma("temp_store", "memory")
+        if !url.starts_with("sqlite:") {
+            let mut options = ConnectOptions::new(url.to_owned());
+            options
+                .max_connections(max_connections.max(1))
+                .min_connections(1)
+                .acquire_timeout(Duration::from_secs(10))
+                .sqlx_logging(false);
+            let conn = Database::connect(options).await?;
+            return Ok(Db {
+                writer: conn.clone(),
+                conn,
+                write_lock: None,
             });
         }
-        let conn = Database::connect(options).await?;
+        let sqlite = |connections: u32, autocheckpoint: &'static str| {
+            let mut options = ConnectOptions::new(url.to_owned());
+            options
+                .max_connections(connections)
+                .min_connections(1)
+                .acquire_timeout(Duration::from_secs(10))
+                .sqlx_logging(false)
+                // FULL: a commit is on disk before the device is told it is.
+                .map_sqlx_sqlite_opts(move |o| {
+                    o.journal_mode(SqliteJournalMode::Wal)
+                        .synchronous(SqliteSynchronous::Full)
+                        .busy_timeout(Duration::from_secs(10))
+                        .foreign_keys(true)
+                        .create_if_missing(true)
+                        .pragma("cache_size", "-32768")
+                        .pragma("temp_store", "memory")
+                        .pragma("wal_autocheckpoint", autocheckpoint)
+                });
+            options
+        };
+        // The writer first: it creates the file and switches it to WAL.
+        let writer = Database::connect(sqlite(1, "10000")).await?;
+        let conn = Database::connect(sqlite(max_connections.max(1), "10000")).await?;
         Ok(Db {
             conn,
-            write_lock: sqlite.then(|| Arc::new(Mutex::new(()))),
+            writer,
+            write_lock: Some(Arc::new(Mutex::new(()))),
         })
+    }
+
+    /// Copies the WAL back into the database file without blocking the writer, so that
+    /// commits rarely pay for a checkpoint themselves. A no-op on PostgreSQL.
+    pub async fn checkpoint(&self) -> Result<(), DbErr> {
+        if self.write_lock.is_some() {
+            self.conn
+                .execute_unprepared("PRAGMA wal_checkpoint(PASSIVE)")
+                .await?;
+        }
+        Ok(())
     }
 
     pub fn conn(&self) -> &DatabaseConnection {
@@ -72,7 +104,7 @@ impl Db {
             None => None,
         };
         let txn = self
-            .conn
+            .writer
             .begin_with_options(TransactionOptions {
                 sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
                 ..Default::default()
@@ -86,7 +118,11 @@ impl Db {
     }
 
     pub async fn close(self) -> Result<(), DbErr> {
-        self.conn.close().await
+        self.conn.close().await?;
+        if self.write_lock.is_some() {
+            self.writer.close().await?;
+        }
+        Ok(())
     }
 }
 

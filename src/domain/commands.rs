@@ -427,11 +427,11 @@ pub async fn cancel(db: &Db, reference: &str) -> Result<command::Model> {
     Ok(updated)
 }
 
-/// Runs [`sweep_expired`] every `interval` until `stop` is notified.
+/// Runs [`sweep_expired`] every `interval` until `stop` turns true.
 pub fn spawn_sweeper(
     db: Db,
     interval: StdDuration,
-    stop: std::sync::Arc<tokio::sync::Notify>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut ticker = tokio::time::interval(interval);
@@ -445,7 +445,7 @@ pub fn spawn_sweeper(
                         Err(err) => tracing::warn!(error = %err, "command sweep failed"),
                     }
                 }
-                _ = stop.notified() => break,
+                _ = stop.changed() => break,
             }
         }
     })

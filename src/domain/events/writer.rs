@@ -140,7 +140,7 @@ async fn commit_batch(
         .unwrap_or(now);
     let attribution = Attribution::load(&*txn, &device_ids, earliest).await?;
     let mut inserted: HashSet<(i32, String)> = HashSet::with_capacity(candidates.len());
-    for chunk in insert_chunks(&candidates) {
+    for chunk in candidates.chunks(INSERT_MAX_ROWS) {
         inserted.extend(insert_events(&*txn, chunk, &attribution).await?);
     }
 
@@ -178,24 +178,10 @@ async fn commit_batch(
         .collect())
 }
 
-/// Multi-row inserts in a few fixed sizes, so that the database's prepared-statement cache
-/// holds every shape instead of preparing a new statement for each batch size.
-const INSERT_CHUNKS: [usize; 4] = [64, 16, 4, 1];
-
-fn insert_chunks<'a>(events: &'a [&'a NewEvent]) -> Vec<&'a [&'a NewEvent]> {
-    let mut chunks = Vec::new();
-    let mut rest = events;
-    while !rest.is_empty() {
-        let size = INSERT_CHUNKS
-            .into_iter()
-            .find(|size| *size <= rest.len())
-            .unwrap_or(1);
-        let (chunk, tail) = rest.split_at(size);
-        chunks.push(chunk);
-        rest = tail;
-    }
-    chunks
-}
+/// Events per `INSERT`. Each statement is padded to a power of two by repeating its last
+/// event (the copy conflicts with the original and is skipped), so only eight statement shapes
+/// exist and all of them stay prepared.
+const INSERT_MAX_ROWS: usize = 128;
 
 const EVENT_COLUMNS: [&str; 17] = [
     "device_id",
@@ -255,17 +241,12 @@ fn cached_insert_sql(backend: DbBackend, rows: usize) -> &'static str {
         DbBackend::Postgres => (&POSTGRES, DbBackend::Postgres),
         _ => (&SQLITE, DbBackend::Sqlite),
     };
-    let all = cell.get_or_init(|| {
-        INSERT_CHUNKS
-            .iter()
-            .map(|n| insert_sql(backend, *n))
+    let shapes = cell.get_or_init(|| {
+        (0..=INSERT_MAX_ROWS.trailing_zeros())
+            .map(|power| insert_sql(backend, 1 << power))
             .collect()
     });
-    INSERT_CHUNKS
-        .iter()
-        .position(|n| *n == rows)
-        .map(|i| all[i].as_str())
-        .unwrap_or_else(|| all[INSERT_CHUNKS.len() - 1].as_str())
+    &shapes[rows.trailing_zeros() as usize]
 }
 
 async fn insert_events(
@@ -274,8 +255,10 @@ async fn insert_events(
     attribution: &Attribution,
 ) -> Result<Vec<(i32, String)>> {
     let backend = conn.get_database_backend();
-    let mut values: Vec<Value> = Vec::with_capacity(events.len() * EVENT_COLUMNS.len());
-    for e in events {
+    let rows = events.len().next_power_of_two();
+    let mut values: Vec<Value> = Vec::with_capacity(rows * EVENT_COLUMNS.len());
+    for i in 0..rows {
+        let e = events[i.min(events.len() - 1)];
         let (machine, outlet) = attribution.at(e.device, e.occurred_at);
         values.extend([
             e.device.into(),
@@ -297,7 +280,7 @@ async fn insert_events(
             outlet.into(),
         ]);
     }
-    let sql = cached_insert_sql(backend, events.len());
+    let sql = cached_insert_sql(backend, rows);
     let rows = conn
         .query_all_raw(Statement::from_sql_and_values(backend, sql, values))
         .await?;
