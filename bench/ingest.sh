@@ -12,9 +12,9 @@ devices=${2:-64}
 seconds=${3:-10}
 port=${OZONE_BENCH_PORT:-18765}
 
-cargo build --release --quiet --bin ozone --bin ozone-sim
+cargo build --release --quiet -p ozone -p firmware-compat
 work=$(mktemp -d)
-trap 'kill "${server:-0}" 2>/dev/null || true; rm -rf "$work"' EXIT
+trap 'rm -rf "$work"' EXIT
 
 run() {
     local label=$1 batch=$2
@@ -27,6 +27,7 @@ run() {
         sleep 0.1
     done
     local result
+    trap 'kill "$server" 2>/dev/null' RETURN
     result=$(./target/release/ozone-sim ingest --url "http://127.0.0.1:$port" \
         --connections "$connections" --devices "$devices" --duration "$seconds" --warmup 2 --json)
     kill -TERM "$server"

@@ -58,6 +58,8 @@ impl Db {
                 .min_connections(1)
                 .acquire_timeout(Duration::from_secs(10))
                 .sqlx_logging(false)
+                // A local file needs no liveness ping before every use.
+                .test_before_acquire(false)
                 // FULL: a commit is on disk before the device is told it is.
                 .map_sqlx_sqlite_opts(move |o| {
                     o.journal_mode(SqliteJournalMode::Wal)

@@ -39,7 +39,20 @@ impl Ingestor {
     pub fn start(db: Db, batch_max: usize) -> (Ingestor, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(batch_max.max(1) * 8);
         let stop = std::sync::Arc::new(Notify::new());
-        let task = tokio::spawn(run_writer(db, rx, batch_max.max(1), stop.clone()));
+        let writer = run_writer(db, rx, batch_max.max(1), stop.clone());
+        // The writer gets a thread and runtime of its own: each of its awaits (one per
+        // statement) would otherwise queue behind request tasks on a busy runtime, and the
+        // commit cycle, which every acknowledgement waits for, would stretch with HTTP load.
+        let task =
+            tokio::task::spawn_blocking(
+                move || match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime.block_on(writer),
+                    Err(err) => tracing::error!(error = %err, "cannot start the event writer"),
+                },
+            );
         (Ingestor { tx, stop }, task)
     }
 
