@@ -115,6 +115,10 @@ impl Application {
         let _ = self.stop_background.send(true);
         let _ = self.sweeper.await;
         let _ = self.checkpointer.await;
+        // Closing the pools checkpoints SQLite's WAL back into the database file.
+        if let Err(err) = self.state.db.clone().close().await {
+            tracing::warn!(error = %err, "closing the database failed");
+        }
         tracing::info!("stopped");
         Ok(())
     }

@@ -125,7 +125,10 @@ pub fn main(cli: Cli) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_tracing(&settings.log);
+    let command = cli.command.unwrap_or(Command::Serve);
+    // Operator commands print their result; routine progress (migrations) would only clutter it.
+    let quiet = !matches!(command, Command::Serve) && settings.log == Settings::default().log;
+    init_tracing(if quiet { "warn" } else { &settings.log });
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -136,7 +139,7 @@ pub fn main(cli: Cli) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli.command.unwrap_or(Command::Serve), settings)) {
+    match runtime.block_on(run(command, settings)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("ozone: {err:#}");
