@@ -21,12 +21,34 @@ pub async fn spawn_app() -> TestApp {
     spawn_app_with(|_| {}).await
 }
 
+/// A fresh database for one test: a SQLite file in a temporary directory, or, when
+/// `OZONE_TEST_DATABASE_URL` names a PostgreSQL server, a new database on it.
+async fn fresh_database(dir: &std::path::Path) -> String {
+    match std::env::var("OZONE_TEST_DATABASE_URL") {
+        Ok(admin_url) if admin_url.starts_with("postgres") => {
+            use sea_orm::ConnectionTrait;
+            let name = format!("ozone_test_{}", uuid::Uuid::now_v7().simple());
+            let admin = sea_orm::Database::connect(admin_url.as_str())
+                .await
+                .expect("connect to OZONE_TEST_DATABASE_URL");
+            admin
+                .execute_unprepared(&format!("CREATE DATABASE {name}"))
+                .await
+                .expect("create test database");
+            admin.close().await.expect("close admin connection");
+            let base = admin_url
+                .rsplit_once('/')
+                .map(|(base, _)| base)
+                .expect("URL with a database name");
+            format!("{base}/{name}")
+        }
+        _ => format!("sqlite://{}?mode=rwc", dir.join("ozone.db").display()),
+    }
+}
+
 pub async fn spawn_app_with(configure: impl FnOnce(&mut Settings)) -> TestApp {
     let dir = tempfile::tempdir().expect("temp dir");
-    let database_url = format!(
-        "sqlite://{}?mode=rwc",
-        dir.path().join("ozone.db").display()
-    );
+    let database_url = fresh_database(dir.path()).await;
     let mut settings = Settings {
         http_addr: "127.0.0.1:0".into(),
         database_url: database_url.clone(),
