@@ -190,8 +190,10 @@ async fn device_events(
     let received_at = Utc::now();
     let device = devices::authenticate(&state.db, &state.tokens, bearer(headers), false).await?;
     let bytes = read_body(body, state.settings.body_limit_bytes).await?;
-    let (event, raw): (DeviceEvent, Value) = parse_json(&bytes)?;
-    let event = NewEvent::from_device(&device, event, raw, received_at)?;
+    let (event, _): (DeviceEvent, Value) = parse_json(&bytes)?;
+    // Valid JSON is valid UTF-8: the body is kept as the device sent it.
+    let payload = String::from_utf8_lossy(&bytes).into_owned();
+    let event = NewEvent::from_device(&device, event, payload, received_at)?;
     let event_id = event.event_id.clone();
     state.ingestor.submit(event).await?;
     Ok(Json(json!({ "ack": true, "event_id": event_id })))

@@ -47,6 +47,9 @@ async fn an_event_is_acknowledged_and_stored() {
         e.machine_id, None,
         "unassigned devices still count treatments"
     );
+    let payload = e.payload.as_ref().expect("the device's body is kept");
+    assert_eq!(payload["event_id"], "esp32-001-0000000123");
+    assert_eq!(payload["firmware"], "1.0.0");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

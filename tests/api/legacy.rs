@@ -25,6 +25,7 @@ async fn legacy_reading_is_stored_with_counts_and_answers_ok() {
         (Some(12), Some(4), Some(1))
     );
     assert_eq!(e.occurred_at.to_rfc3339(), "2024-01-15T14:30:25+00:00");
+    assert_eq!(e.payload.as_ref().unwrap()["type2"], "45");
     let status = device_status::Entity::find_by_id(e.device_id)
         .one(app.db())
         .await

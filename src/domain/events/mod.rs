@@ -131,7 +131,8 @@ pub struct NewEvent {
     pub device_timestamp: Option<String>,
     pub received_at: DateTime<Utc>,
     pub wifi_status: Option<bool>,
-    pub payload: Option<Json>,
+    /// The event as the device sent it, as JSON text.
+    pub payload: Option<String>,
     pub report: StatusReport,
 }
 
@@ -230,7 +231,7 @@ impl NewEvent {
     pub fn from_device(
         device: &AuthenticatedDevice,
         body: DeviceEvent,
-        payload: Json,
+        payload: String,
         received_at: DateTime<Utc>,
     ) -> Result<NewEvent> {
         if let Some(device_id) = body.device_id.as_deref() {
@@ -385,7 +386,7 @@ pub async fn ingest_legacy(
     let occurred_at = parsed
         .filter(|t| plausible_time(*t, received_at))
         .unwrap_or(received_at);
-    let payload = serde_json::to_value(&reading).unwrap_or(Json::Null);
+    let payload = serde_json::to_string(&reading).ok();
     let event_id = {
         let mut hasher = Sha256::new();
         hasher.update(mac.as_str().as_bytes());
@@ -417,7 +418,7 @@ pub async fn ingest_legacy(
         device_timestamp: device_timestamp.clone(),
         received_at,
         wifi_status: Some(true),
-        payload: Some(payload),
+        payload,
         report: StatusReport {
             counters: Some(counts),
             wifi_connected: Some(true),

@@ -233,10 +233,11 @@ fn insert_sql(backend: DbBackend, rows: usize) -> String {
             }
             n += 1;
             match backend {
-                DbBackend::Postgres => {
-                    sql.push('$');
-                    sql.push_str(&n.to_string());
+                // The payload arrives as JSON text; PostgreSQL stores it as jsonb.
+                DbBackend::Postgres if EVENT_COLUMNS[col] == "payload" => {
+                    sql.push_str(&format!("CAST(${n} AS JSONB)"));
                 }
+                DbBackend::Postgres => sql.push_str(&format!("${n}")),
                 _ => sql.push('?'),
             }
         }
@@ -288,7 +289,7 @@ async fn insert_events(
             e.device_timestamp.clone().into(),
             e.received_at.into(),
             e.wifi_status.into(),
-            Value::Json(e.payload.clone().map(Box::new)),
+            e.payload.clone().into(),
             machine.into(),
             outlet.into(),
         ]);
