@@ -227,14 +227,14 @@ fn insert_sql(backend: DbBackend, rows: usize) -> String {
             sql.push_str(", ");
         }
         sql.push('(');
-        for col in 0..EVENT_COLUMNS.len() {
+        for (col, name) in EVENT_COLUMNS.iter().enumerate() {
             if col > 0 {
                 sql.push_str(", ");
             }
             n += 1;
             match backend {
                 // The payload arrives as JSON text; PostgreSQL stores it as jsonb.
-                DbBackend::Postgres if EVENT_COLUMNS[col] == "payload" => {
+                DbBackend::Postgres if *name == "payload" => {
                     sql.push_str(&format!("CAST(${n} AS JSONB)"));
                 }
                 DbBackend::Postgres => sql.push_str(&format!("${n}")),
