@@ -4,6 +4,8 @@
 # committing every event alone (OZONE_INGEST_BATCH_MAX=1), in the same run.
 #
 #   bench/ingest.sh [connections] [devices] [seconds]      (defaults: 64 64 10)
+#   OZONE_BENCH_CLIENT=wrk bench/ingest.sh [connections] _ [seconds]
+#       the same with wrk (Debian package `wrk`) and bench/events.lua: one device, two threads
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,8 +30,20 @@ run() {
     done
     local result
     trap 'kill "$server" 2>/dev/null' RETURN
-    result=$(./target/release/ozone-sim ingest --url "http://127.0.0.1:$port" \
-        --connections "$connections" --devices "$devices" --duration "$seconds" --warmup 2 --json)
+    if [ "${OZONE_BENCH_CLIENT:-}" = wrk ]; then
+        local handshake
+        handshake=$(curl -sf -X POST "http://127.0.0.1:$port/api/handshake/" \
+            -H 'Content-Type: application/json' -d '{"mac": "02:00:00:00:be:01"}')
+        result=$(TOKEN=$(sed -E 's/.*"token":"([0-9a-f]+)".*/\1/' <<<"$handshake") \
+            DEVICE_ID="02:00:00:00:BE:01" \
+            wrk -t2 -c"$connections" -d"${seconds}s" --latency -s bench/events.lua \
+            "http://127.0.0.1:$port" | tr '\n' ' ')
+        result=$(sed -E 's/.*Requests\/sec: *([0-9.]+).*/{"rps":\1}/' <<<"$result")" $(grep -oE 'p50 [0-9.]+ ms, p99 [0-9.]+ ms|non-2xx: [0-9]+' <<<"$result" | tr '\n' ' ')"
+    else
+        result=$(./target/release/ozone-sim ingest --url "http://127.0.0.1:$port" \
+            --connections "$connections" --devices "$devices" --duration "$seconds" \
+            --warmup 2 --json)
+    fi
     kill -TERM "$server"
     wait "$server" || true
     echo "$label $result"
