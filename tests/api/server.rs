@@ -96,3 +96,92 @@ async fn data_survives_a_restart_on_the_same_database() {
     );
     drop(stopped);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_serves_and_stops_cleanly_on_sigterm() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let db_path = dir.path().join("ozone.db");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ozone"))
+        .args(["serve", "--http-addr", "127.0.0.1:0", "--database-url"])
+        .arg(format!("sqlite://{}?mode=rwc", db_path.display()))
+        .env("OZONE_LOG", "info")
+        .env_remove("RUST_LOG")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Ready when it says where it listens.
+    let stderr = child.stderr.take().unwrap();
+    let (addr, stderr) = tokio::task::spawn_blocking(move || {
+        let mut lines = BufReader::new(stderr).lines();
+        for line in lines.by_ref() {
+            let line = line.unwrap();
+            if line.contains("ozone is up") {
+                let addr = line
+                    .split_whitespace()
+                    .find_map(|w| w.strip_prefix("http="))
+                    .expect("the banner names the address")
+                    .to_owned();
+                return (addr, lines);
+            }
+        }
+        panic!("the server exited before it was up");
+    })
+    .await
+    .unwrap();
+    assert!(
+        !addr.contains('\u{1b}'),
+        "no colour codes in non-terminal logs"
+    );
+
+    let http = reqwest::Client::new();
+    let handshake: serde_json::Value = http
+        .post(format!("http://{addr}/api/handshake/"))
+        .json(&json!({"mac": "02:00:00:00:00:01"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = handshake["token"].as_str().unwrap();
+    for i in 0..50 {
+        let resp = http
+            .post(format!("http://{addr}/api/device/events/"))
+            .bearer_auth(token)
+            .json(&json!({"event_id": format!("bin-{i}"), "treatment": "BASIC"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+    }
+
+    let pid = child.id().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let status = tokio::task::spawn_blocking(move || {
+        let status = child.wait().unwrap();
+        drop(stderr);
+        status
+    })
+    .await
+    .unwrap();
+    assert!(status.success(), "exit status {status:?}");
+    assert!(
+        !dir.path().join("ozone.db-wal").exists(),
+        "the WAL is checkpointed and removed on a clean stop"
+    );
+    let db = Db::connect(&format!("sqlite://{}?mode=rwc", db_path.display()), 2)
+        .await
+        .unwrap();
+    assert_eq!(
+        telemetry_event::Entity::find()
+            .count(db.conn())
+            .await
+            .unwrap(),
+        50
+    );
+}
