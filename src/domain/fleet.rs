@@ -76,57 +76,13 @@ pub async fn assign_by_code(
 
     let (outlet, created_outlet) = match &outlet_name {
         None => (None, false),
-        Some(name) => match outlet::Entity::find()
-            .filter(outlet::Column::Name.eq(name.as_str()))
-            .one(&*txn)
-            .await?
-        {
-            Some(o) => (Some(o), false),
-            None => (
-                Some(
-                    outlet::ActiveModel {
-                        name: Set(name.clone()),
-                        region: Set(String::new()),
-                        address: Set(String::new()),
-                        contact_person: Set(String::new()),
-                        is_active: Set(true),
-                        total_sva: Set(None),
-                        average_intage_services: Set(None),
-                        number_of_machines: Set(None),
-                        created_at: Set(now),
-                        updated_at: Set(now),
-                        ..Default::default()
-                    }
-                    .insert(&*txn)
-                    .await?,
-                ),
-                true,
-            ),
-        },
+        Some(name) => {
+            let (outlet, created) = outlet_named(&*txn, name, now).await?;
+            (Some(outlet), created)
+        }
     };
-
-    let (mut machine, created_machine) = match machine::Entity::find()
-        .filter(machine::Column::MachineCode.eq(machine_code.as_str()))
-        .one(&*txn)
-        .await?
-    {
-        Some(m) => (m, false),
-        None => (
-            machine::ActiveModel {
-                machine_code: Set(machine_code.clone()),
-                name: Set(machine_code.clone()),
-                outlet_id: Set(outlet.as_ref().map(|o| o.id)),
-                current_device_id: Set(None),
-                is_active: Set(true),
-                created_at: Set(now),
-                updated_at: Set(now),
-                ..Default::default()
-            }
-            .insert(&*txn)
-            .await?,
-            true,
-        ),
-    };
+    let (mut machine, created_machine) =
+        machine_coded(&*txn, &machine_code, outlet.as_ref().map(|o| o.id), now).await?;
     if let Some(o) = &outlet {
         if machine.outlet_id != Some(o.id) {
             let mut active: machine::ActiveModel = machine.into();
@@ -160,6 +116,67 @@ pub async fn assign_by_code(
         created_outlet,
         created_device,
     })
+}
+
+/// The outlet called `name`, created when missing; says whether it was created.
+pub async fn outlet_named(
+    conn: &impl ConnectionTrait,
+    name: &str,
+    now: DateTime<Utc>,
+) -> Result<(outlet::Model, bool)> {
+    if let Some(o) = outlet::Entity::find()
+        .filter(outlet::Column::Name.eq(name))
+        .one(conn)
+        .await?
+    {
+        return Ok((o, false));
+    }
+    let created = outlet::ActiveModel {
+        name: Set(name.to_owned()),
+        region: Set(String::new()),
+        address: Set(String::new()),
+        contact_person: Set(String::new()),
+        is_active: Set(true),
+        total_sva: Set(None),
+        average_intage_services: Set(None),
+        number_of_machines: Set(None),
+        created_at: Set(now),
+        updated_at: Set(now),
+        ..Default::default()
+    }
+    .insert(conn)
+    .await?;
+    Ok((created, true))
+}
+
+/// The machine with code `code`, created (in `outlet`) when missing; says whether it was
+/// created.
+pub async fn machine_coded(
+    conn: &impl ConnectionTrait,
+    code: &str,
+    outlet: Option<i32>,
+    now: DateTime<Utc>,
+) -> Result<(machine::Model, bool)> {
+    if let Some(m) = machine::Entity::find()
+        .filter(machine::Column::MachineCode.eq(code))
+        .one(conn)
+        .await?
+    {
+        return Ok((m, false));
+    }
+    let created = machine::ActiveModel {
+        machine_code: Set(code.to_owned()),
+        name: Set(code.to_owned()),
+        outlet_id: Set(outlet),
+        current_device_id: Set(None),
+        is_active: Set(true),
+        created_at: Set(now),
+        updated_at: Set(now),
+        ..Default::default()
+    }
+    .insert(conn)
+    .await?;
+    Ok((created, true))
 }
 
 /// Makes `device` the machine's current device: any other binding of either side is closed

@@ -8,7 +8,22 @@ use ozone::{
     domain::commands::{self, NewCommand},
 };
 
-use crate::helpers::{spawn_app, spawn_app_with, TestApp};
+use crate::helpers::{spawn_app, spawn_app_with, Device, TestApp};
+
+/// A command whose lifetime ended as it was created.
+async fn expired_command(app: &TestApp, device: &Device) -> command::Model {
+    commands::create(
+        &app.state.db,
+        &device.device_id,
+        NewCommand {
+            command_type: "REBOOT".into(),
+            expires_in: Some(std::time::Duration::ZERO),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap()
+}
 
 async fn command_row(app: &TestApp, command_id: &str) -> command::Model {
     command::Entity::find()
@@ -317,17 +332,7 @@ async fn expired_commands_are_not_delivered_and_time_out() {
     // The sweeper runs every 20 ms here; the test waits for its effect, with a deadline.
     let app = spawn_app_with(|s| s.command_sweep_interval_ms = 20).await;
     let d = app.assigned_device("EC:E3:34:46:2B:C0", "M-1").await;
-    let expired = commands::create(
-        &app.state.db,
-        &d.device_id,
-        NewCommand {
-            command_type: "REBOOT".into(),
-            expires_in: Some(std::time::Duration::ZERO),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let expired = expired_command(&app, &d).await;
     let live = app.send_command(&d, "SYNC", &["--expires-in", "3600"]);
     let polled = app.poll(&d).await;
     let ids: Vec<&str> = polled.body["commands"]
@@ -369,17 +374,7 @@ async fn a_result_after_expiry_times_the_command_out_even_before_the_sweep() {
     // The sweeper runs hourly here, so only the result path can time the command out.
     let app = spawn_app_with(|s| s.command_sweep_interval_ms = 3_600_000).await;
     let d = app.assigned_device("EC:E3:34:46:2B:C0", "M-1").await;
-    let expired = commands::create(
-        &app.state.db,
-        &d.device_id,
-        NewCommand {
-            command_type: "REBOOT".into(),
-            expires_in: Some(std::time::Duration::ZERO),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let expired = expired_command(&app, &d).await;
     let reply = app
         .report(&d, &expired.command_id, json!({"success": true}))
         .await;
