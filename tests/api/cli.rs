@@ -204,3 +204,44 @@ fn database_passwords_never_reach_the_logs() {
     assert!(!all.contains("hunter2-secret"), "{all}");
     assert!(all.contains("ozone:***@"), "{all}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn createsuperuser_asks_for_missing_values_on_a_terminal() {
+    use std::io::Write;
+    let app = spawn_app().await;
+    // util-linux `script` gives the command a pseudo-terminal fed from our stdin.
+    let command = format!(
+        "{} --database-url '{}' createsuperuser",
+        env!("CARGO_BIN_EXE_ozone"),
+        app.database_url
+    );
+    let mut child = std::process::Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .env("OZONE_LOG", "warn")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("util-linux `script` is needed for this test");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"alice\nalice@example.com\nwonderland1\nwonderland1\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{printed}");
+    assert!(printed.contains("Password"), "it prompted: {printed}");
+    assert!(printed.contains("superuser `alice` created"), "{printed}");
+    use sea_orm::EntityTrait;
+    let user = ozone::db::entities::user::Entity::find()
+        .one(app.db())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(user.email, "alice@example.com");
+    assert!(ozone::domain::users::verify_password(
+        "wonderland1",
+        &user.password_hash
+    ));
+}
