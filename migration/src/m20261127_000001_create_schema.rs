@@ -341,11 +341,13 @@ impl MigrationTrait for Migration {
                     .col(json_binary_null(TelemetryEvents::Payload))
                     .col(integer_null(TelemetryEvents::MachineId))
                     .col(integer_null(TelemetryEvents::OutletId))
+                    // Telemetry is never deleted as a side effect: a device with events
+                    // cannot be deleted.
                     .foreign_key(
                         ForeignKey::create()
                             .from(TelemetryEvents::Table, TelemetryEvents::DeviceId)
                             .to(Devices::Table, Devices::Id)
-                            .on_delete(ForeignKeyAction::Cascade),
+                            .on_delete(ForeignKeyAction::Restrict),
                     )
                     .foreign_key(
                         ForeignKey::create()

@@ -502,3 +502,21 @@ async fn status_reports_of_many_devices_are_recorded_in_one_statement() {
         .unwrap();
     assert_eq!(device_a.firmware, "9.9.9");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn telemetry_is_never_deleted_with_its_device() {
+    let app = spawn_app().await;
+    let d = app.handshake("EC:E3:34:46:2B:C0").await;
+    app.post_event(&d, "kept", json!({})).await;
+    let device = ozone::domain::devices::find_by_device_id(app.db(), &d.device_id)
+        .await
+        .unwrap();
+    let deleted = ozone::db::entities::device::Entity::delete_by_id(device.id)
+        .exec(app.db())
+        .await;
+    assert!(
+        deleted.is_err(),
+        "the schema refuses to drop a device's history"
+    );
+    assert_eq!(stored_events(&app).await.len(), 1);
+}
