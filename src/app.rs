@@ -104,7 +104,9 @@ impl Application {
         shutdown: impl Future<Output = ()> + Send,
     ) -> anyhow::Result<()> {
         let app = http::routes(self.state.clone());
+        let idle = Duration::from_secs(self.state.settings.http_idle_timeout_secs);
         Server::new_with_acceptor(self.acceptor)
+            .idle_timeout(idle)
             .run_with_graceful_shutdown(app, shutdown, Some(Duration::from_secs(10)))
             .await
             .context("HTTP server failed")?;

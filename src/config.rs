@@ -22,6 +22,8 @@ pub struct Settings {
     pub db_max_connections: u32,
     /// Largest request body accepted, in bytes; larger ones get 413.
     pub body_limit_bytes: usize,
+    /// An HTTP connection with no traffic for this long is closed (seconds).
+    pub http_idle_timeout_secs: u64,
     /// Refuse re-handshakes without the current token for assigned devices.
     pub strict_handshake: bool,
     /// A device is `online` while its last poll/contact is at most this old (seconds).
@@ -46,6 +48,7 @@ impl Default for Settings {
             database_url: "sqlite://ozone.db?mode=rwc".into(),
             db_max_connections: 8,
             body_limit_bytes: 64 * 1024,
+            http_idle_timeout_secs: 120,
             strict_handshake: false,
             online_threshold_secs: 16 * 60,
             idle_threshold_secs: 60 * 60,
@@ -99,6 +102,10 @@ impl Settings {
             "body_limit_bytes must be >= 1024"
         );
         anyhow::ensure!(
+            self.http_idle_timeout_secs >= 1,
+            "http_idle_timeout_secs must be >= 1"
+        );
+        anyhow::ensure!(
             self.online_threshold_secs <= self.idle_threshold_secs,
             "online_threshold_secs must not exceed idle_threshold_secs"
         );
@@ -129,6 +136,7 @@ impl fmt::Debug for Settings {
             .field("database_url", &redact_url(&self.database_url))
             .field("db_max_connections", &self.db_max_connections)
             .field("body_limit_bytes", &self.body_limit_bytes)
+            .field("http_idle_timeout_secs", &self.http_idle_timeout_secs)
             .field("strict_handshake", &self.strict_handshake)
             .field("online_threshold_secs", &self.online_threshold_secs)
             .field("idle_threshold_secs", &self.idle_threshold_secs)

@@ -185,3 +185,16 @@ async fn the_binary_serves_and_stops_cleanly_on_sigterm() {
         50
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_closed() {
+    use tokio::io::AsyncReadExt;
+    let app = crate::helpers::spawn_app_with(|s| s.http_idle_timeout_secs = 1).await;
+    let mut idle = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let mut buf = [0u8; 16];
+    // The server ends the connection: the read sees end-of-stream (or a reset), within a bound.
+    let read = tokio::time::timeout(std::time::Duration::from_secs(10), idle.read(&mut buf))
+        .await
+        .expect("an idle connection must not be kept for ever");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+}
