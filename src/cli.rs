@@ -198,13 +198,14 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
                 },
             )
             .await?;
+            let device = crate::domain::devices::find_by_device_id(db.conn(), &device_id).await?;
             db.close().await?;
             println!(
                 "{}",
                 serde_json::json!({
                     "id": created.id,
                     "command_id": created.command_id,
-                    "device_id": device_id,
+                    "device_id": device.device_id,
                     "command_type": created.command_type,
                     "priority": created.priority,
                     "status": created.status,

@@ -313,15 +313,27 @@ pub async fn reset_credentials(db: &Db, cache: &TokenCache, device_id: &str) -> 
     Ok(())
 }
 
+/// Finds a device by its `device_id`, or by its MAC in any spelling (`ec-e3-…`) when no
+/// `device_id` matches exactly.
 pub async fn find_by_device_id(
     conn: &impl ConnectionTrait,
     device_id: &str,
 ) -> Result<device::Model> {
-    device::Entity::find()
+    let exact = device::Entity::find()
         .filter(device::Column::DeviceId.eq(device_id.trim()))
         .one(conn)
-        .await?
-        .ok_or_else(|| Error::not_found(Entity::Device, device_id))
+        .await?;
+    let found = match (exact, Mac::parse(device_id)) {
+        (Some(device), _) => Some(device),
+        (None, Ok(mac)) => {
+            device::Entity::find()
+                .filter(device::Column::Mac.eq(mac.as_str()))
+                .one(conn)
+                .await?
+        }
+        (None, Err(_)) => None,
+    };
+    found.ok_or_else(|| Error::not_found(Entity::Device, device_id))
 }
 
 /// Finds a device by MAC, registering it (without a token) when it has never been seen. Used by

@@ -68,6 +68,19 @@ async fn moving_a_device_frees_its_old_machine() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_may_spell_a_mac_device_id_any_way() {
+    let app = spawn_app().await;
+    let d = app.handshake("EC:E3:34:46:2B:C0").await;
+    app.admin(&["device", "assign", "ec-e3-34-46-2b-c0", "--machine", "M-1"]);
+    let out: Value =
+        serde_json::from_str(&app.admin(&["command", "send", "ece334462bc0", "REBOOT"])).unwrap();
+    assert_eq!(out["status"], "pending");
+    assert_eq!(out["device_id"], "EC:E3:34:46:2B:C0");
+    let polled = app.poll(&d).await;
+    assert_eq!(polled.body["commands"][0]["command_id"], out["command_id"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn command_send_rejects_bad_input_with_a_message() {
     let app = spawn_app().await;
     let d = app.handshake("EC:E3:34:46:2B:C0").await;
