@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use poem::{
     middleware::{NormalizePath, TrailingSlash},
-    Endpoint, EndpointExt, Route,
+    Endpoint, EndpointExt, IntoResponse, Request, Response, Route,
 };
 
 use crate::app::AppState;
@@ -24,4 +24,37 @@ pub fn routes(state: Arc<AppState>) -> impl Endpoint {
         .with(NormalizePath::new(TrailingSlash::Trim))
         .data(state)
         .catch_all_error(error::from_poem)
+        .around(access_log)
+}
+
+/// One line per request at debug level (`OZONE_LOG=ozone::http=debug`): what firmware
+/// developers need when a device misbehaves. Tokens are never logged.
+async fn access_log<E: Endpoint>(endpoint: Arc<E>, request: Request) -> poem::Result<Response> {
+    if !tracing::enabled!(tracing::Level::DEBUG) {
+        return endpoint
+            .call(request)
+            .await
+            .map(IntoResponse::into_response);
+    }
+    let started = std::time::Instant::now();
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    let peer = request.remote_addr().to_string();
+    let response = endpoint
+        .call(request)
+        .await
+        .map(IntoResponse::into_response);
+    let status = match &response {
+        Ok(r) => r.status().as_u16(),
+        Err(e) => e.status().as_u16(),
+    };
+    tracing::debug!(
+        %method,
+        path,
+        status,
+        micros = started.elapsed().as_micros() as u64,
+        peer,
+        "request"
+    );
+    response
 }

@@ -105,7 +105,7 @@ async fn the_binary_serves_and_stops_cleanly_on_sigterm() {
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ozone"))
         .args(["serve", "--http-addr", "127.0.0.1:0", "--database-url"])
         .arg(format!("sqlite://{}?mode=rwc", db_path.display()))
-        .env("OZONE_LOG", "info")
+        .env("OZONE_LOG", "info,ozone::http=debug")
         .env_remove("RUST_LOG")
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -162,14 +162,19 @@ async fn the_binary_serves_and_stops_cleanly_on_sigterm() {
         .status()
         .unwrap()
         .success());
-    let status = tokio::task::spawn_blocking(move || {
+    let (status, log) = tokio::task::spawn_blocking(move || {
         let status = child.wait().unwrap();
-        drop(stderr);
-        status
+        let log: Vec<String> = stderr.map(|l| l.unwrap()).collect();
+        (status, log.join("\n"))
     })
     .await
     .unwrap();
     assert!(status.success(), "exit status {status:?}");
+    assert!(
+        log.contains(r#"path="/api/device/events/" status=200"#),
+        "an access line per request at debug level: {log}"
+    );
+    assert!(!log.contains(token), "tokens never reach the log");
     assert!(
         !dir.path().join("ozone.db-wal").exists(),
         "the WAL is checkpointed and removed on a clean stop"
