@@ -191,7 +191,7 @@ pub fn plausible_time(ts: DateTime<Utc>, now: DateTime<Utc>) -> bool {
 }
 
 /// Parses the timestamp forms firmware sends: RFC 3339, `YYYY-MM-DD HH:MM:SS` (UTC), or Unix
-/// seconds.
+/// seconds (or milliseconds).
 pub fn parse_device_time(value: &Json) -> (Option<String>, Option<DateTime<Utc>>) {
     match value {
         Json::String(s) => {
@@ -212,9 +212,14 @@ pub fn parse_device_time(value: &Json) -> (Option<String>, Option<DateTime<Utc>>
             (Some(truncate(s, 64)), parsed)
         }
         Json::Number(n) => {
-            let parsed = n
-                .as_i64()
-                .and_then(|secs| DateTime::<Utc>::from_timestamp(secs, 0));
+            // Unix seconds, or milliseconds when the value is too large to be seconds.
+            let parsed = n.as_i64().and_then(|t| {
+                if t.abs() >= 100_000_000_000 {
+                    DateTime::<Utc>::from_timestamp_millis(t)
+                } else {
+                    DateTime::<Utc>::from_timestamp(t, 0)
+                }
+            });
             (Some(n.to_string()), parsed)
         }
         Json::Null => (None, None),
@@ -452,6 +457,8 @@ mod tests {
         let (raw, t) = parse_device_time(&serde_json::json!(1758026096));
         assert_eq!(t.unwrap().timestamp(), 1758026096);
         assert_eq!(raw.as_deref(), Some("1758026096"));
+        let (_, t) = parse_device_time(&serde_json::json!(1758026096250_i64));
+        assert_eq!(t.unwrap().timestamp_millis(), 1758026096250);
         let (raw, t) = parse_device_time(&Json::String("garbage".into()));
         assert!(t.is_none());
         assert_eq!(raw.as_deref(), Some("garbage"));
