@@ -77,6 +77,7 @@ pub struct CreateSuperuser {
 pub enum DeviceCommand {
     /// Bind a device to a machine, creating the machine and outlet if needed.
     Assign {
+        /// The device's id, or its MAC in any spelling.
         device_id: String,
         /// Machine code, e.g. CH1/027/2024.
         #[arg(long)]
@@ -86,15 +87,22 @@ pub enum DeviceCommand {
         outlet: Option<String>,
     },
     /// Unbind a device from its machine.
-    Unassign { device_id: String },
+    Unassign {
+        /// The device's id, or its MAC in any spelling.
+        device_id: String,
+    },
     /// Forget a device's token so it can handshake again under `strict_handshake`.
-    ResetToken { device_id: String },
+    ResetToken {
+        /// The device's id, or its MAC in any spelling.
+        device_id: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
 pub enum CommandCommand {
     /// Queue a command for a device.
     Send {
+        /// The device's id, or its MAC in any spelling.
         device_id: String,
         /// e.g. RESET, REBOOT.
         command_type: String,
@@ -107,6 +115,7 @@ pub enum CommandCommand {
         /// Seconds until the command times out.
         #[arg(long)]
         expires_in: Option<u64>,
+        /// Shown to staff and sent to the device.
         #[arg(long, default_value = "")]
         description: String,
     },

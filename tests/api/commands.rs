@@ -429,3 +429,20 @@ async fn retry_requeues_a_failed_command() {
     let polled = app.poll(&d).await;
     assert_eq!(polled.body["commands"][0]["command_id"], cid);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_command_is_not_delivered_and_stays_cancelled() {
+    let app = spawn_app().await;
+    let d = app.assigned_device("EC:E3:34:46:2B:C0", "M-1").await;
+    let cmd = app.send_command(&d, "REBOOT", &[]);
+    let cid = cmd["command_id"].as_str().unwrap();
+    let cancelled = commands::cancel(&app.state.db, cid).await.unwrap();
+    assert_eq!(cancelled.status, "cancelled");
+    assert_eq!(app.poll(&d).await.body, json!({"commands": []}));
+    let late = app.report(&d, cid, json!({"success": true})).await;
+    assert_eq!(late.body["status"], "cancelled");
+    assert!(
+        commands::cancel(&app.state.db, cid).await.is_err(),
+        "a final command cannot be cancelled again"
+    );
+}
