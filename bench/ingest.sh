@@ -4,6 +4,9 @@
 # committing every event alone (OZONE_INGEST_BATCH_MAX=1), in the same run.
 #
 #   bench/ingest.sh [connections] [devices] [seconds]      (defaults: 64 64 10)
+#   OZONE_BENCH_ASSIGNED=1 bench/ingest.sh …
+#       the devices are first assigned to machines spread over 8 outlets, so every event is
+#       attributed to a machine and an outlet, as in a deployed fleet
 #   OZONE_BENCH_CLIENT=wrk bench/ingest.sh [connections] _ [seconds]
 #       the same with wrk (Debian package `wrk`) and bench/events.lua: one device, two threads
 set -euo pipefail
@@ -30,6 +33,15 @@ run() {
     done
     local result
     trap 'kill "$server" 2>/dev/null' RETURN
+    local prefix_args=()
+    if [ "${OZONE_BENCH_ASSIGNED:-}" = 1 ]; then
+        for i in $(seq 0 $((devices - 1))); do
+            ./target/release/ozone --database-url "sqlite://$work/bench.db?mode=rwc" \
+                device assign "$(printf '02:42:45:4E:%02X:%02X' $((i >> 8)) $((i & 255)))" \
+                --machine "M-$i" --outlet "Outlet $((i % 8))" >/dev/null
+        done
+        prefix_args=(--mac-prefix 02:42:45:4E)
+    fi
     if [ "${OZONE_BENCH_CLIENT:-}" = wrk ]; then
         local handshake
         handshake=$(curl -sf -X POST "http://127.0.0.1:$port/api/handshake/" \
@@ -42,7 +54,7 @@ run() {
     else
         result=$(./target/release/ozone-sim ingest --url "http://127.0.0.1:$port" \
             --connections "$connections" --devices "$devices" --duration "$seconds" \
-            --warmup 2 --json)
+            --warmup 2 --json "${prefix_args[@]}")
     fi
     kill -TERM "$server"
     wait "$server" || true

@@ -74,6 +74,10 @@ struct IngestArgs {
     /// Print the results as one JSON line.
     #[arg(long)]
     json: bool,
+    /// First four bytes of the devices' MACs (device i gets `<prefix>:HH:LL`), e.g. to load
+    /// devices registered and assigned beforehand; random per run when absent.
+    #[arg(long)]
+    mac_prefix: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -385,9 +389,12 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<ExitCode> {
     }
     let addr = resolve(&args.url).await?;
     let run = random_u64();
-    let prefix = {
-        let b = (run as u32).to_be_bytes();
-        format!("02:{:02X}:{:02X}:{:02X}", b[0], b[1], b[2])
+    let prefix = match &args.mac_prefix {
+        Some(prefix) => valid_mac_prefix(prefix)?,
+        None => {
+            let b = (run as u32).to_be_bytes();
+            format!("02:{:02X}:{:02X}:{:02X}", b[0], b[1], b[2])
+        }
     };
     let run_tag = format!("{:08x}", run as u32);
 
@@ -599,15 +606,21 @@ async fn ingest_connection(
 // ---------------------------------------------------------------------------------------------
 // simulate
 
-async fn simulate(args: SimulateArgs) -> anyhow::Result<ExitCode> {
-    let prefix = args.mac_prefix.trim().to_ascii_uppercase();
-    let valid_prefix = prefix.split(':').count() == 4
+/// Checks and upper-cases a `--mac-prefix` of four hex bytes.
+fn valid_mac_prefix(prefix: &str) -> anyhow::Result<String> {
+    let prefix = prefix.trim().to_ascii_uppercase();
+    let valid = prefix.split(':').count() == 4
         && prefix
             .split(':')
             .all(|b| b.len() == 2 && b.chars().all(|c| c.is_ascii_hexdigit()));
-    if !valid_prefix {
+    if !valid {
         bail!("--mac-prefix must be four hex bytes like 02:53:49:4D");
     }
+    Ok(prefix)
+}
+
+async fn simulate(args: SimulateArgs) -> anyhow::Result<ExitCode> {
+    let prefix = valid_mac_prefix(&args.mac_prefix)?;
     if args.devices == 0 || args.devices > 65_536 {
         bail!("--devices must be 1-65536");
     }

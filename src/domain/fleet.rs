@@ -1,14 +1,12 @@
 //! Outlets, machines and which device each machine carries. Binding history is kept so that
 //! moving a device never moves its past events.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use sea_orm::{
-    sea_query::{Expr, ExprTrait},
-    ActiveModelTrait,
-    ActiveValue::Set,
-    ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter,
+    sea_query::Expr, ActiveModelTrait, ActiveValue::Set, ColumnTrait, ConnectionTrait, DbBackend,
+    EntityTrait, QueryFilter, Statement, Value,
 };
 
 use crate::{
@@ -264,59 +262,69 @@ pub async fn unassign_machine(db: &Db, cache: &TokenCache, machine_id: i32) -> R
 
 /// Which machine (and its outlet) each device was bound to over a period.
 pub struct Attribution {
-    bindings: HashMap<i32, Vec<machine_device::Model>>,
-    outlets: HashMap<i32, Option<i32>>,
+    bindings: HashMap<i32, Vec<Binding>>,
+}
+
+struct Binding {
+    machine: i32,
+    outlet: Option<i32>,
+    assigned_at: DateTime<Utc>,
+    unassigned_at: Option<DateTime<Utc>>,
 }
 
 impl Attribution {
-    /// Loads the bindings of `devices` that were open at or after `since`.
+    /// Loads, in one query, the bindings of `devices` that were open at or after `since`,
+    /// with their machines' outlets.
     pub async fn load(
         conn: &impl ConnectionTrait,
         devices: &[i32],
         since: DateTime<Utc>,
     ) -> Result<Attribution> {
-        let rows = machine_device::Entity::find()
-            .filter(machine_device::Column::DeviceId.is_in(padded_ids(devices)))
-            .filter(
-                machine_device::Column::UnassignedAt
-                    .is_null()
-                    .or(machine_device::Column::UnassignedAt.gt(since)),
-            )
-            .all(conn)
-            .await?;
-        let machine_ids: HashSet<i32> = rows.iter().map(|b| b.machine_id).collect();
-        let outlets = if machine_ids.is_empty() {
-            HashMap::new()
-        } else {
-            machine::Entity::find()
-                .filter(
-                    machine::Column::Id
-                        .is_in(padded_ids(&machine_ids.into_iter().collect::<Vec<_>>())),
-                )
-                .all(conn)
-                .await?
-                .into_iter()
-                .map(|m| (m.id, m.outlet_id))
-                .collect()
+        let backend = conn.get_database_backend();
+        let ids = padded_ids(devices);
+        let placeholder = |n: usize| match backend {
+            DbBackend::Postgres => format!("${n}"),
+            _ => "?".to_owned(),
         };
-        let mut bindings: HashMap<i32, Vec<machine_device::Model>> = HashMap::new();
+        let list: Vec<String> = (1..=ids.len()).map(placeholder).collect();
+        let sql = format!(
+            "SELECT md.device_id, md.machine_id, m.outlet_id, md.assigned_at, md.unassigned_at \
+             FROM machine_devices md JOIN machines m ON m.id = md.machine_id \
+             WHERE md.device_id IN ({}) AND (md.unassigned_at IS NULL OR md.unassigned_at > {})",
+            list.join(", "),
+            placeholder(ids.len() + 1)
+        );
+        let mut values: Vec<Value> = ids.into_iter().map(Value::from).collect();
+        values.push(since.into());
+        let rows = conn
+            .query_all_raw(Statement::from_sql_and_values(backend, sql, values))
+            .await?;
+        let mut bindings: HashMap<i32, Vec<Binding>> = HashMap::new();
         for row in rows {
-            bindings.entry(row.device_id).or_default().push(row);
+            bindings
+                .entry(row.try_get("", "device_id")?)
+                .or_default()
+                .push(Binding {
+                    machine: row.try_get("", "machine_id")?,
+                    outlet: row.try_get("", "outlet_id")?,
+                    assigned_at: row.try_get("", "assigned_at")?,
+                    unassigned_at: row.try_get("", "unassigned_at")?,
+                });
         }
-        Ok(Attribution { bindings, outlets })
+        Ok(Attribution { bindings })
     }
 
     /// The machine and outlet a device was bound to at `at`. An event stamped before the
     /// current binding started (a clock set after the fact) goes to the binding open then,
     /// if any.
     pub fn at(&self, device: i32, at: DateTime<Utc>) -> (Option<i32>, Option<i32>) {
-        let machine = self.bindings.get(&device).and_then(|rows| {
-            rows.iter()
-                .filter(|b| b.assigned_at <= at && b.unassigned_at.is_none_or(|u| u > at))
-                .max_by_key(|b| b.assigned_at)
-                .map(|b| b.machine_id)
-        });
-        let outlet = machine.and_then(|m| self.outlets.get(&m).copied().flatten());
-        (machine, outlet)
+        self.bindings
+            .get(&device)
+            .and_then(|rows| {
+                rows.iter()
+                    .filter(|b| b.assigned_at <= at && b.unassigned_at.is_none_or(|u| u > at))
+                    .max_by_key(|b| b.assigned_at)
+            })
+            .map_or((None, None), |b| (Some(b.machine), b.outlet))
     }
 }
