@@ -51,24 +51,54 @@ pub async fn record(
     report: &StatusReport,
     now: DateTime<Utc>,
 ) -> Result<()> {
-    record_many(conn, &[(device, report)], now, &HashMap::new())
+    record_many(conn, &[(device, report)], now, &DeviceMemo::default())
         .await
         .map(|_| ())
 }
 
+/// `devices.last_seen` is kept to this resolution; `device_status.last_seen` is exact.
+const DEVICE_SEEN_RESOLUTION: Duration = Duration::seconds(60);
+
+/// What a caller last wrote to the `devices` row of each device, so that a stream of reports
+/// skips redundant writes: the firmware only when it changes, `last_seen` at most once per
+/// [`DEVICE_SEEN_RESOLUTION`].
+#[derive(Debug, Default)]
+pub struct DeviceMemo {
+    firmware: HashMap<i32, String>,
+    seen: HashMap<i32, DateTime<Utc>>,
+}
+
+impl DeviceMemo {
+    /// Takes in the writes of a committed transaction.
+    pub fn absorb(&mut self, writes: DeviceMemo) {
+        self.firmware.extend(writes.firmware);
+        self.seen.extend(writes.seen);
+    }
+
+    pub fn firmware_of(&self, device: i32) -> Option<&str> {
+        self.firmware.get(&device).map(String::as_str)
+    }
+
+    fn seen_recently(&self, device: i32, now: DateTime<Utc>) -> bool {
+        self.seen
+            .get(&device)
+            .is_some_and(|at| now - *at < DEVICE_SEEN_RESOLUTION)
+    }
+}
+
 /// Records contact from many devices in two statements, whatever their number: one `UPDATE …
 /// FROM (VALUES …)` for the status rows (fields a report lacks keep their value) and one for
-/// `devices.last_seen`. The firmware column is written only when it differs from
-/// `firmware_known` (what the caller last stored); the writes made are returned.
+/// `devices.last_seen`, skipping what `memo` says is already written; returns the writes
+/// made, for the caller's memo once committed.
 pub async fn record_many(
     conn: &impl ConnectionTrait,
     reports: &[(i32, &StatusReport)],
     now: DateTime<Utc>,
-    firmware_known: &HashMap<i32, String>,
-) -> Result<Vec<(i32, String)>> {
-    let mut firmware_writes = Vec::new();
+    memo: &DeviceMemo,
+) -> Result<DeviceMemo> {
+    let mut writes = DeviceMemo::default();
     if reports.is_empty() {
-        return Ok(firmware_writes);
+        return Ok(writes);
     }
     let backend = conn.get_database_backend();
     // Rows are padded to a power of two with copies of the last one (identical updates), so
@@ -103,25 +133,32 @@ pub async fn record_many(
             .await?;
     }
 
-    let ids: Vec<i32> = reports.iter().map(|(d, _)| *d).collect();
-    let mut values: Vec<Value> = vec![now.into()];
-    values.extend(padded_ids(&ids).into_iter().map(Value::from));
-    let sql = format!(
-        "UPDATE devices SET last_seen = {} WHERE id IN ({})",
-        placeholder(backend, 1),
-        (2..values.len() + 1)
-            .map(|n| placeholder(backend, n))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
-    conn.execute_raw(Statement::from_sql_and_values(backend, sql, values))
-        .await?;
+    let ids: Vec<i32> = reports
+        .iter()
+        .map(|(d, _)| *d)
+        .filter(|d| !memo.seen_recently(*d, now))
+        .collect();
+    if !ids.is_empty() {
+        let mut values: Vec<Value> = vec![now.into()];
+        values.extend(padded_ids(&ids).into_iter().map(Value::from));
+        let sql = format!(
+            "UPDATE devices SET last_seen = {} WHERE id IN ({})",
+            placeholder(backend, 1),
+            (2..values.len() + 1)
+                .map(|n| placeholder(backend, n))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        conn.execute_raw(Statement::from_sql_and_values(backend, sql, values))
+            .await?;
+        writes.seen.extend(ids.iter().map(|d| (*d, now)));
+    }
 
     for (device, report) in reports {
         let Some(firmware) = &report.firmware else {
             continue;
         };
-        if firmware_known.get(device) == Some(firmware) {
+        if memo.firmware_of(*device) == Some(firmware.as_str()) {
             continue;
         }
         conn.execute_raw(Statement::from_sql_and_values(
@@ -134,9 +171,9 @@ pub async fn record_many(
             [firmware.clone().into(), (*device).into()],
         ))
         .await?;
-        firmware_writes.push((*device, firmware.clone()));
+        writes.firmware.insert(*device, firmware.clone());
     }
-    Ok(firmware_writes)
+    Ok(writes)
 }
 
 fn placeholder(backend: DbBackend, n: usize) -> String {

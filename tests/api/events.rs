@@ -449,7 +449,7 @@ async fn status_reports_of_many_devices_are_recorded_in_one_statement() {
     let nothing = status::StatusReport::default();
     let now = chrono::Utc::now();
     let txn = app.state.db.begin_write().await.unwrap();
-    let firmware = status::record_many(
+    let writes = status::record_many(
         &*txn,
         &[(pa, &with_counters), (pb, &wifi_only), (pc, &nothing)],
         now,
@@ -458,7 +458,12 @@ async fn status_reports_of_many_devices_are_recorded_in_one_statement() {
     .await
     .unwrap();
     txn.commit().await.unwrap();
-    assert_eq!(firmware, vec![(pa, "9.9.9".to_owned())]);
+    assert_eq!(writes.firmware_of(pa), Some("9.9.9"));
+    assert_eq!(
+        writes.firmware_of(pb),
+        None,
+        "no firmware reported, none written"
+    );
 
     let mut rows = Vec::new();
     for id in [pa, pb, pc] {

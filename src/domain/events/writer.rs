@@ -79,7 +79,7 @@ async fn run_writer(
     stop: std::sync::Arc<Notify>,
 ) {
     let mut stopping = false;
-    let mut firmware_written: HashMap<i32, String> = HashMap::new();
+    let mut memo = status::DeviceMemo::default();
     loop {
         let first = if stopping {
             rx.recv().await
@@ -102,7 +102,7 @@ async fn run_writer(
             }
         }
         let events: Vec<&NewEvent> = jobs.iter().map(|j| &j.event).collect();
-        match commit_batch(&db, &events, &mut firmware_written).await {
+        match commit_batch(&db, &events, &mut memo).await {
             Ok(outcomes) => {
                 for (job, outcome) in jobs.into_iter().zip(outcomes) {
                     let _ = job.done.send(Ok(outcome));
@@ -112,7 +112,7 @@ async fn run_writer(
                 // One bad event must not fail its neighbours: retry them one by one.
                 tracing::warn!(error = %err, size = jobs.len(), "event batch failed; committing individually");
                 for job in jobs {
-                    let outcome = commit_batch(&db, &[&job.event], &mut firmware_written)
+                    let outcome = commit_batch(&db, &[&job.event], &mut memo)
                         .await
                         .map(|mut o| o.pop().unwrap_or(Ingested::Duplicate));
                     let _ = job.done.send(outcome);
@@ -131,7 +131,7 @@ async fn run_writer(
 async fn commit_batch(
     db: &Db,
     events: &[&NewEvent],
-    firmware_written: &mut HashMap<i32, String>,
+    memo: &mut status::DeviceMemo,
 ) -> Result<Vec<Ingested>> {
     let now = Utc::now();
     // Repeats within the batch: the first occurrence is the one that may be new.
@@ -172,10 +172,10 @@ async fn commit_batch(
         .iter()
         .map(|d| (*d, reports.get(d).unwrap_or(&empty)))
         .collect();
-    let firmware_writes = status::record_many(&*txn, &contact, now, firmware_written).await?;
+    let writes = status::record_many(&*txn, &contact, now, memo).await?;
     txn.commit().await?;
     // Remembered only once committed.
-    firmware_written.extend(firmware_writes);
+    memo.absorb(writes);
 
     let mut claimed: HashSet<(i32, &str)> = HashSet::with_capacity(events.len());
     Ok(events
