@@ -314,10 +314,7 @@ async fn device(settings: Settings, cmd: DeviceCommand) -> anyhow::Result<()> {
             );
         }
         DeviceCommand::Unassign { device_id } => {
-            let device = crate::domain::devices::find_by_device_id(db.conn(), &device_id).await?;
-            let txn = db.begin_write().await?;
-            fleet::release_device(&*txn, device.id, chrono::Utc::now()).await?;
-            txn.commit().await?;
+            let device = fleet::unassign_device(&db, &cache, &device_id).await?;
             println!("device `{}` unassigned", device.device_id);
         }
         DeviceCommand::ResetToken { device_id } => {

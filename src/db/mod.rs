@@ -25,6 +25,15 @@ pub fn padded_ids(ids: &[i32]) -> Vec<i32> {
     list
 }
 
+/// The `n`-th (1-based) bind placeholder of a hand-written statement: `?` on SQLite, `$n` on
+/// PostgreSQL.
+pub fn placeholder(backend: sea_orm::DbBackend, n: usize) -> String {
+    match backend {
+        sea_orm::DbBackend::Postgres => format!("${n}"),
+        _ => "?".to_owned(),
+    }
+}
+
 #[derive(Clone)]
 pub struct Db {
     /// Readers (and, on PostgreSQL, writers too).

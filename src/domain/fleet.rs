@@ -5,14 +5,14 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use sea_orm::{
-    sea_query::Expr, ActiveModelTrait, ActiveValue::Set, ColumnTrait, ConnectionTrait, DbBackend,
-    EntityTrait, QueryFilter, Statement, Value,
+    sea_query::Expr, ActiveModelTrait, ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait,
+    QueryFilter, Statement, Value,
 };
 
 use crate::{
     db::{
         entities::{device, machine, machine_device, outlet},
-        padded_ids, Db,
+        padded_ids, placeholder, Db,
     },
     domain::devices::{self, Mac, TokenCache},
     error::{Entity, Error, Result},
@@ -244,6 +244,20 @@ pub async fn release_device(
     Ok(())
 }
 
+/// Unbinds a device (named by id or MAC) from whatever machine carries it.
+pub async fn unassign_device(
+    db: &Db,
+    cache: &TokenCache,
+    device_id: &str,
+) -> Result<device::Model> {
+    let txn = db.begin_write().await?;
+    let device = devices::find_by_device_id(&*txn, device_id).await?;
+    release_device(&*txn, device.id, Utc::now()).await?;
+    txn.commit().await?;
+    cache.evict_device(device.id);
+    Ok(device)
+}
+
 /// Removes the device from a machine.
 pub async fn unassign_machine(db: &Db, cache: &TokenCache, machine_id: i32) -> Result<()> {
     let now = Utc::now();
@@ -282,17 +296,13 @@ impl Attribution {
     ) -> Result<Attribution> {
         let backend = conn.get_database_backend();
         let ids = padded_ids(devices);
-        let placeholder = |n: usize| match backend {
-            DbBackend::Postgres => format!("${n}"),
-            _ => "?".to_owned(),
-        };
-        let list: Vec<String> = (1..=ids.len()).map(placeholder).collect();
+        let list: Vec<String> = (1..=ids.len()).map(|n| placeholder(backend, n)).collect();
         let sql = format!(
             "SELECT md.device_id, md.machine_id, m.outlet_id, md.assigned_at, md.unassigned_at \
              FROM machine_devices md JOIN machines m ON m.id = md.machine_id \
              WHERE md.device_id IN ({}) AND (md.unassigned_at IS NULL OR md.unassigned_at > {})",
             list.join(", "),
-            placeholder(ids.len() + 1)
+            placeholder(backend, ids.len() + 1)
         );
         let mut values: Vec<Value> = ids.into_iter().map(Value::from).collect();
         values.push(since.into());

@@ -9,7 +9,7 @@ use sea_orm::{ConnectionTrait, DbBackend, Statement, Value};
 use serde::Serialize;
 
 use crate::{
-    db::{entities::device_status, padded_ids},
+    db::{entities::device_status, padded_ids, placeholder},
     domain::{devices, events::Counters},
     error::Result,
 };
@@ -174,13 +174,6 @@ pub async fn record_many(
         writes.firmware.insert(*device, firmware.clone());
     }
     Ok(writes)
-}
-
-fn placeholder(backend: DbBackend, n: usize) -> String {
-    match backend {
-        DbBackend::Postgres => format!("${n}"),
-        _ => "?".to_owned(),
-    }
 }
 
 /// Columns of the `VALUES` rows, in order, with their SQL types; `column1` is the device.

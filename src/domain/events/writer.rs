@@ -9,7 +9,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 
 use super::{NewEvent, Treatment};
 use crate::{
-    db::Db,
+    db::{placeholder, Db},
     domain::{fleet::Attribution, status},
     error::{Error, Result},
 };
@@ -232,13 +232,12 @@ fn insert_sql(backend: DbBackend, rows: usize) -> String {
                 sql.push_str(", ");
             }
             n += 1;
-            match backend {
+            let p = placeholder(backend, n);
+            if backend == DbBackend::Postgres && *name == "payload" {
                 // The payload arrives as JSON text; PostgreSQL stores it as jsonb.
-                DbBackend::Postgres if *name == "payload" => {
-                    sql.push_str(&format!("CAST(${n} AS JSONB)"));
-                }
-                DbBackend::Postgres => sql.push_str(&format!("${n}")),
-                _ => sql.push('?'),
+                sql.push_str(&format!("CAST({p} AS JSONB)"));
+            } else {
+                sql.push_str(&p);
             }
         }
         sql.push(')');
