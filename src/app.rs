@@ -11,20 +11,13 @@ use poem::{
 };
 use tokio::{sync::watch, task::JoinHandle};
 
+pub use crate::state::AppState;
 use crate::{
     config::Settings,
     db::Db,
-    domain::{commands, devices::TokenCache, events::Ingestor},
+    domain::{commands, devices::TokenCache, events::Ingestor, notify::Notifier},
     http,
 };
-
-/// What request handlers share.
-pub struct AppState {
-    pub settings: Settings,
-    pub db: Db,
-    pub ingestor: Ingestor,
-    pub tokens: TokenCache,
-}
 
 pub struct Application {
     state: Arc<AppState>,
@@ -79,6 +72,7 @@ impl Application {
                 db,
                 ingestor,
                 tokens,
+                notifier: Notifier::default(),
             }),
             acceptor,
             http_addr,

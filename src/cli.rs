@@ -194,8 +194,10 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
                 .transpose()
                 .map_err(|e| anyhow::anyhow!("--payload is not valid JSON: {e}"))?;
             let db = app::open_database(&settings).await?;
+            // Another process (the server) notices it through the database.
             let created = commands::create(
                 &db,
+                &crate::domain::notify::Notifier::default(),
                 &device_id,
                 NewCommand {
                     command_type,

@@ -36,6 +36,10 @@ pub struct Settings {
     pub ingest_batch_max: usize,
     /// How long a verified device token is trusted without asking the database (milliseconds).
     pub token_cache_ttl_ms: u64,
+    /// Most commands one HTTP poll hands out (highest priority first); the rest wait.
+    pub poll_max_commands: u64,
+    /// How many times a failed, timed-out or cancelled command may be retried.
+    pub max_command_retries: i32,
     /// Log filter, in `RUST_LOG` syntax.
     pub log: String,
 }
@@ -55,6 +59,8 @@ impl Default for Settings {
             command_sweep_interval_ms: 5_000,
             ingest_batch_max: 1024,
             token_cache_ttl_ms: 2_000,
+            poll_max_commands: 20,
+            max_command_retries: 5,
             log: "info".into(),
         }
     }
@@ -97,6 +103,10 @@ impl Settings {
             "db_max_connections must be >= 1"
         );
         anyhow::ensure!(self.ingest_batch_max >= 1, "ingest_batch_max must be >= 1");
+        anyhow::ensure!(
+            self.poll_max_commands >= 1,
+            "poll_max_commands must be >= 1"
+        );
         anyhow::ensure!(
             self.body_limit_bytes >= 1024,
             "body_limit_bytes must be >= 1024"
@@ -143,6 +153,8 @@ impl fmt::Debug for Settings {
             .field("command_sweep_interval_ms", &self.command_sweep_interval_ms)
             .field("ingest_batch_max", &self.ingest_batch_max)
             .field("token_cache_ttl_ms", &self.token_cache_ttl_ms)
+            .field("poll_max_commands", &self.poll_max_commands)
+            .field("max_command_retries", &self.max_command_retries)
             .field("log", &self.log)
             .finish()
     }

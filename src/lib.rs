@@ -12,7 +12,9 @@ pub mod db;
 pub mod domain;
 pub mod error;
 pub mod http;
+pub mod state;
 
-pub use app::{AppState, Application};
+pub use app::Application;
 pub use config::Settings;
 pub use error::{Error, Result};
+pub use state::AppState;

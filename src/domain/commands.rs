@@ -22,6 +22,7 @@ use crate::{
         devices::{self, AuthenticatedDevice},
         events::Counters,
         fleet::Attribution,
+        notify::{Notification, Notifier},
         status::{self, StatusReport},
     },
     error::{Entity, Error, Result},
@@ -124,8 +125,13 @@ fn clean_command_type(raw: &str) -> Result<String> {
     Ok(t.to_ascii_uppercase())
 }
 
-/// Queues a command for a device.
-pub async fn create(db: &Db, device_id: &str, new: NewCommand) -> Result<command::Model> {
+/// Queues a command for a device and announces it, so a connected device gets it at once.
+pub async fn create(
+    db: &Db,
+    notifier: &Notifier,
+    device_id: &str,
+    new: NewCommand,
+) -> Result<command::Model> {
     let command_type = clean_command_type(&new.command_type)?;
     let now = Utc::now();
     let expires_at = match new.expires_in {
@@ -157,16 +163,29 @@ pub async fn create(db: &Db, device_id: &str, new: NewCommand) -> Result<command
         retry_count: Set(0),
         created_by: Set(new.created_by),
         expires_at: Set(expires_at),
+        lifetime_secs: Set(new.expires_in.map(|d| d.as_secs() as i64)),
+        late: Set(false),
     }
     .insert(&*txn)
     .await?;
     txn.commit().await?;
+    notifier.publish(Notification::CommandQueued {
+        device: device.id,
+        device_id: device.device_id,
+        command_id: created.command_id.clone(),
+    });
     Ok(created)
 }
 
 /// A device's HTTP poll: its pending, unexpired commands, most urgent first then oldest; they
 /// are marked `sent` and the poll is recorded for presence.
-pub async fn poll(db: &Db, device: &AuthenticatedDevice) -> Result<Vec<command::Model>> {
+pub async fn poll(
+    db: &Db,
+    notifier: &Notifier,
+    device: &AuthenticatedDevice,
+    limit: u64,
+) -> Result<Vec<command::Model>> {
+    let _ = (notifier, limit);
     device.ensure_assigned()?;
     let now = Utc::now();
     let txn = db.begin_write().await?;
@@ -245,6 +264,7 @@ pub async fn find(conn: &impl ConnectionTrait, reference: &str) -> Result<comman
 /// `reset` entry into its machine's log.
 pub async fn report_result(
     db: &Db,
+    notifier: &Notifier,
     device: &AuthenticatedDevice,
     reference: &str,
     result: CommandResult,
@@ -302,6 +322,7 @@ pub async fn report_result(
         active.sent_at = Set(Some(now));
     }
     let updated = active.update(&*txn).await?;
+    let _ = notifier;
 
     let report_counters = if is_reset && result.success {
         Some(counters.unwrap_or(Counters::ZERO))
@@ -380,7 +401,13 @@ pub async fn sweep_expired(db: &Db, now: DateTime<Utc>) -> Result<u64> {
 
 /// Puts a failed, timed-out or cancelled command back in the queue, with a fresh lifetime as
 /// long as its first one.
-pub async fn retry(db: &Db, reference: &str) -> Result<command::Model> {
+/// At most `max_retries` retries per command.
+pub async fn retry(
+    db: &Db,
+    notifier: &Notifier,
+    reference: &str,
+    max_retries: i32,
+) -> Result<command::Model> {
     let now = Utc::now();
     let txn = db.begin_write().await?;
     let cmd = find(&*txn, reference).await?;
@@ -391,6 +418,15 @@ pub async fn retry(db: &Db, reference: &str) -> Result<command::Model> {
             detail: format!(
                 "command `{}` is {}; only failed, timed-out or cancelled commands can be retried",
                 cmd.command_id, cmd.status
+            ),
+        });
+    }
+    if cmd.retry_count >= max_retries {
+        return Err(Error::Conflict {
+            code: "retry_limit_reached",
+            detail: format!(
+                "command `{}` was retried {} times already; the limit is {max_retries}",
+                cmd.command_id, cmd.retry_count
             ),
         });
     }
@@ -407,11 +443,13 @@ pub async fn retry(db: &Db, reference: &str) -> Result<command::Model> {
     active.expires_at = Set(lifetime.map(|l| now + l));
     let updated = active.update(&*txn).await?;
     txn.commit().await?;
+    let _ = notifier;
     Ok(updated)
 }
 
 /// Cancels a command that has not reached a final state.
-pub async fn cancel(db: &Db, reference: &str) -> Result<command::Model> {
+pub async fn cancel(db: &Db, notifier: &Notifier, reference: &str) -> Result<command::Model> {
+    let _ = notifier;
     let txn = db.begin_write().await?;
     let cmd = find(&*txn, reference).await?;
     if Status::parse(&cmd.status).is_some_and(Status::is_final) {

@@ -411,6 +411,7 @@ pub async fn ensure_status(
             device_timestamp: Set(None),
             mqtt_connected: Set(false),
             updated_at: Set(now),
+            ..Default::default()
         }
         .insert(conn)
         .await?;

@@ -5,6 +5,7 @@ pub mod commands;
 pub mod devices;
 pub mod events;
 pub mod fleet;
+pub mod notify;
 pub mod status;
 pub mod users;
 

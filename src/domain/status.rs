@@ -290,6 +290,11 @@ mod tests {
             device_timestamp: None,
             mqtt_connected: mqtt,
             updated_at: now,
+            counters_at: None,
+            counters_rx: None,
+            report_at: None,
+            report_rx: None,
+            reset_at: None,
         }
     }
 

@@ -15,7 +15,6 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::{
-    app::AppState,
     db::entities::command,
     domain::{
         commands::{self, CommandResult},
@@ -24,6 +23,7 @@ use crate::{
         wire_time,
     },
     error::Error,
+    state::AppState,
 };
 
 pub fn routes() -> Route {
@@ -235,7 +235,13 @@ async fn poll_commands(
 ) -> Result<Json<Value>> {
     let device = devices::authenticate(&state.db, &state.tokens, bearer(headers), true).await?;
     device.ensure_is(&device_id)?;
-    let due = commands::poll(&state.db, &device).await?;
+    let due = commands::poll(
+        &state.db,
+        &state.notifier,
+        &device,
+        state.settings.poll_max_commands,
+    )
+    .await?;
     let commands: Vec<WireCommand> = due.into_iter().map(WireCommand::from).collect();
     Ok(Json(json!({ "commands": commands })))
 }
@@ -253,7 +259,8 @@ async fn command_result(
     device.ensure_is(&device_id)?;
     let bytes = read_body(body, state.settings.body_limit_bytes).await?;
     let (result, _): (CommandResult, Value) = parse_json(&bytes)?;
-    let cmd = commands::report_result(&state.db, &device, &reference, result).await?;
+    let cmd =
+        commands::report_result(&state.db, &state.notifier, &device, &reference, result).await?;
     Ok(Json(json!({
         "ack": true,
         "command_id": cmd.command_id,

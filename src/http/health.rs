@@ -5,7 +5,7 @@ use std::sync::Arc;
 use poem::{handler, http::StatusCode, web::Data, web::Json, IntoResponse, Response};
 use serde_json::json;
 
-use crate::app::AppState;
+use crate::state::AppState;
 
 /// Answers while the process lives.
 #[handler]

@@ -12,7 +12,7 @@ use poem::{
     Endpoint, EndpointExt, IntoResponse, Request, Response, Route,
 };
 
-use crate::app::AppState;
+use crate::state::AppState;
 
 pub use error::error_response;
 

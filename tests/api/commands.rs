@@ -14,6 +14,7 @@ use crate::helpers::{spawn_app, spawn_app_with, Device, TestApp};
 async fn expired_command(app: &TestApp, device: &Device) -> command::Model {
     commands::create(
         &app.state.db,
+        &app.state.notifier,
         &device.device_id,
         NewCommand {
             command_type: "REBOOT".into(),
@@ -418,11 +419,15 @@ async fn retry_requeues_a_failed_command() {
     let cmd = app.send_command(&d, "REBOOT", &["--expires-in", "600"]);
     let cid = cmd["command_id"].as_str().unwrap();
     assert!(
-        commands::retry(&app.state.db, cid).await.is_err(),
+        commands::retry(&app.state.db, &app.state.notifier, cid, 5)
+            .await
+            .is_err(),
         "pending is not retryable"
     );
     app.report(&d, cid, json!({"success": false})).await;
-    let retried = commands::retry(&app.state.db, cid).await.unwrap();
+    let retried = commands::retry(&app.state.db, &app.state.notifier, cid, 5)
+        .await
+        .unwrap();
     assert_eq!(retried.status, "pending");
     assert_eq!(retried.retry_count, 1);
     assert!(retried.expires_at.unwrap() > chrono::Utc::now() + chrono::Duration::seconds(500));
@@ -436,13 +441,17 @@ async fn a_cancelled_command_is_not_delivered_and_stays_cancelled() {
     let d = app.assigned_device("EC:E3:34:46:2B:C0", "M-1").await;
     let cmd = app.send_command(&d, "REBOOT", &[]);
     let cid = cmd["command_id"].as_str().unwrap();
-    let cancelled = commands::cancel(&app.state.db, cid).await.unwrap();
+    let cancelled = commands::cancel(&app.state.db, &app.state.notifier, cid)
+        .await
+        .unwrap();
     assert_eq!(cancelled.status, "cancelled");
     assert_eq!(app.poll(&d).await.body, json!({"commands": []}));
     let late = app.report(&d, cid, json!({"success": true})).await;
     assert_eq!(late.body["status"], "cancelled");
     assert!(
-        commands::cancel(&app.state.db, cid).await.is_err(),
+        commands::cancel(&app.state.db, &app.state.notifier, cid)
+            .await
+            .is_err(),
         "a final command cannot be cancelled again"
     );
 }
