@@ -11,7 +11,7 @@ use sea_orm::{
 
 use crate::{
     db::{
-        entities::{device, machine, machine_device, outlet},
+        entities::{device, machine, machine_device, machine_outlet, outlet},
         padded_ids, placeholder, Db,
     },
     domain::devices::{self, Mac, TokenCache},
@@ -83,10 +83,8 @@ pub async fn assign_by_code(
         machine_coded(&*txn, &machine_code, outlet.as_ref().map(|o| o.id), now).await?;
     if let Some(o) = &outlet {
         if machine.outlet_id != Some(o.id) {
-            let mut active: machine::ActiveModel = machine.into();
-            active.outlet_id = Set(Some(o.id));
-            active.updated_at = Set(now);
-            machine = active.update(&*txn).await?;
+            set_machine_outlet(&*txn, machine.id, Some(o.id), now).await?;
+            machine.outlet_id = Some(o.id);
         }
     }
 
@@ -162,10 +160,10 @@ pub async fn machine_coded(
     {
         return Ok((m, false));
     }
-    let created = machine::ActiveModel {
+    let mut created = machine::ActiveModel {
         machine_code: Set(code.to_owned()),
         name: Set(code.to_owned()),
-        outlet_id: Set(outlet),
+        outlet_id: Set(None),
         current_device_id: Set(None),
         is_active: Set(true),
         created_at: Set(now),
@@ -174,6 +172,10 @@ pub async fn machine_coded(
     }
     .insert(conn)
     .await?;
+    if outlet.is_some() {
+        set_machine_outlet(conn, created.id, outlet, now).await?;
+        created.outlet_id = outlet;
+    }
     Ok((created, true))
 }
 
@@ -274,21 +276,33 @@ pub async fn unassign_machine(db: &Db, cache: &TokenCache, machine_id: i32) -> R
     Ok(())
 }
 
-/// Which machine (and its outlet) each device was bound to over a period.
+/// Which machine each device was bound to over a period, and which outlet each of those
+/// machines stood in.
 pub struct Attribution {
     bindings: HashMap<i32, Vec<Binding>>,
 }
 
 struct Binding {
     machine: i32,
+    assigned_at: DateTime<Utc>,
+    unassigned_at: Option<DateTime<Utc>>,
+    /// The machine's outlet periods overlapping the binding.
+    outlets: Vec<Period>,
+}
+
+struct Period {
     outlet: Option<i32>,
     assigned_at: DateTime<Utc>,
     unassigned_at: Option<DateTime<Utc>>,
 }
 
+fn covers(from: DateTime<Utc>, until: Option<DateTime<Utc>>, at: DateTime<Utc>) -> bool {
+    from <= at && until.is_none_or(|u| u > at)
+}
+
 impl Attribution {
     /// Loads, in one query, the bindings of `devices` that were open at or after `since`,
-    /// with their machines' outlets.
+    /// with the outlet history of their machines over the same time.
     pub async fn load(
         conn: &impl ConnectionTrait,
         devices: &[i32],
@@ -296,45 +310,111 @@ impl Attribution {
     ) -> Result<Attribution> {
         let backend = conn.get_database_backend();
         let ids = padded_ids(devices);
-        let list: Vec<String> = (1..=ids.len()).map(|n| placeholder(backend, n)).collect();
+        // SQLite binds `?` in order of appearance: the values follow the text.
+        let joined_since = placeholder(backend, 1);
+        let list: Vec<String> = (2..ids.len() + 2).map(|n| placeholder(backend, n)).collect();
+        let bound_since = placeholder(backend, ids.len() + 2);
         let sql = format!(
-            "SELECT md.device_id, md.machine_id, m.outlet_id, md.assigned_at, md.unassigned_at \
-             FROM machine_devices md JOIN machines m ON m.id = md.machine_id \
-             WHERE md.device_id IN ({}) AND (md.unassigned_at IS NULL OR md.unassigned_at > {})",
+            "SELECT md.id, md.device_id, md.machine_id, md.assigned_at, md.unassigned_at, \
+             mo.outlet_id, mo.assigned_at AS outlet_from, mo.unassigned_at AS outlet_until \
+             FROM machine_devices md LEFT JOIN machine_outlets mo ON mo.machine_id = md.machine_id \
+             AND (mo.unassigned_at IS NULL OR mo.unassigned_at > {joined_since}) \
+             WHERE md.device_id IN ({}) AND (md.unassigned_at IS NULL OR md.unassigned_at > {bound_since})",
             list.join(", "),
-            placeholder(backend, ids.len() + 1)
         );
-        let mut values: Vec<Value> = ids.into_iter().map(Value::from).collect();
+        let mut values: Vec<Value> = vec![since.into()];
+        values.extend(ids.into_iter().map(Value::from));
         values.push(since.into());
         let rows = conn
             .query_all_raw(Statement::from_sql_and_values(backend, sql, values))
             .await?;
-        let mut bindings: HashMap<i32, Vec<Binding>> = HashMap::new();
+        let mut by_id: HashMap<i32, (i32, Binding)> = HashMap::new();
         for row in rows {
-            bindings
-                .entry(row.try_get("", "device_id")?)
-                .or_default()
-                .push(Binding {
-                    machine: row.try_get("", "machine_id")?,
+            let id: i32 = row.try_get("", "id")?;
+            let binding = match by_id.entry(id) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => e.insert((
+                    row.try_get("", "device_id")?,
+                    Binding {
+                        machine: row.try_get("", "machine_id")?,
+                        assigned_at: row.try_get("", "assigned_at")?,
+                        unassigned_at: row.try_get("", "unassigned_at")?,
+                        outlets: Vec::new(),
+                    },
+                )),
+            };
+            let from: Option<DateTime<Utc>> = row.try_get("", "outlet_from")?;
+            if let Some(from) = from {
+                binding.1.outlets.push(Period {
                     outlet: row.try_get("", "outlet_id")?,
-                    assigned_at: row.try_get("", "assigned_at")?,
-                    unassigned_at: row.try_get("", "unassigned_at")?,
+                    assigned_at: from,
+                    unassigned_at: row.try_get("", "outlet_until")?,
                 });
+            }
+        }
+        let mut bindings: HashMap<i32, Vec<Binding>> = HashMap::new();
+        for (_, (device, binding)) in by_id {
+            bindings.entry(device).or_default().push(binding);
         }
         Ok(Attribution { bindings })
     }
 
-    /// The machine and outlet a device was bound to at `at`. An event stamped before the
-    /// current binding started (a clock set after the fact) goes to the binding open then,
-    /// if any.
+    /// The machine a device was bound to at `at`, and the outlet that machine stood in then.
     pub fn at(&self, device: i32, at: DateTime<Utc>) -> (Option<i32>, Option<i32>) {
-        self.bindings
-            .get(&device)
-            .and_then(|rows| {
-                rows.iter()
-                    .filter(|b| b.assigned_at <= at && b.unassigned_at.is_none_or(|u| u > at))
-                    .max_by_key(|b| b.assigned_at)
-            })
-            .map_or((None, None), |b| (Some(b.machine), b.outlet))
+        let Some(binding) = self.bindings.get(&device).and_then(|rows| {
+            rows.iter()
+                .filter(|b| covers(b.assigned_at, b.unassigned_at, at))
+                .max_by_key(|b| b.assigned_at)
+        }) else {
+            return (None, None);
+        };
+        let outlet = binding
+            .outlets
+            .iter()
+            .filter(|p| covers(p.assigned_at, p.unassigned_at, at))
+            .max_by_key(|p| p.assigned_at)
+            .and_then(|p| p.outlet);
+        (Some(binding.machine), outlet)
     }
+}
+
+/// Puts a machine in `outlet` (or in none). Every change of a machine's outlet goes through
+/// here, so that the outlet history that attribution reads stays complete.
+pub async fn set_machine_outlet(
+    conn: &impl ConnectionTrait,
+    machine_id: i32,
+    outlet: Option<i32>,
+    now: DateTime<Utc>,
+) -> Result<()> {
+    let open = machine_outlet::Entity::find()
+        .filter(machine_outlet::Column::MachineId.eq(machine_id))
+        .filter(machine_outlet::Column::UnassignedAt.is_null())
+        .one(conn)
+        .await?;
+    if open.as_ref().map(|o| o.outlet_id) != Some(outlet) {
+        machine_outlet::Entity::update_many()
+            .col_expr(machine_outlet::Column::UnassignedAt, Expr::value(now))
+            .filter(machine_outlet::Column::MachineId.eq(machine_id))
+            .filter(machine_outlet::Column::UnassignedAt.is_null())
+            .exec(conn)
+            .await?;
+        if outlet.is_some() || open.is_some() {
+            machine_outlet::ActiveModel {
+                machine_id: Set(machine_id),
+                outlet_id: Set(outlet),
+                assigned_at: Set(now),
+                unassigned_at: Set(None),
+                ..Default::default()
+            }
+            .insert(conn)
+            .await?;
+        }
+    }
+    machine::Entity::update_many()
+        .col_expr(machine::Column::OutletId, Expr::value(outlet))
+        .col_expr(machine::Column::UpdatedAt, Expr::value(now))
+        .filter(machine::Column::Id.eq(machine_id))
+        .exec(conn)
+        .await?;
+    Ok(())
 }

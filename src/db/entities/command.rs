@@ -26,6 +26,10 @@ pub struct Model {
     pub retry_count: i32,
     pub created_by: Option<String>,
     pub expires_at: Option<DateTimeUtc>,
+    /// The lifetime asked for at creation, so a retry's expiry counts from the retry.
+    pub lifetime_secs: Option<i64>,
+    /// The result arrived after `expires_at`.
+    pub late: bool,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -18,6 +18,15 @@ pub struct Model {
     pub device_timestamp: Option<String>,
     pub mqtt_connected: bool,
     pub updated_at: DateTimeUtc,
+    /// When the report the counters came from happened (epoch ms, never after its arrival).
+    pub counters_at: Option<i64>,
+    /// When that report arrived (epoch ms): breaks ties between reports of the same time.
+    pub counters_rx: Option<i64>,
+    /// The same pair for the other reported fields.
+    pub report_at: Option<i64>,
+    pub report_rx: Option<i64>,
+    /// The last successful reset (epoch ms): older reports cannot bring counters back.
+    pub reset_at: Option<i64>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -5,6 +5,7 @@ pub mod device;
 pub mod device_status;
 pub mod machine;
 pub mod machine_device;
+pub mod machine_outlet;
 pub mod outlet;
 pub mod telemetry_event;
 pub mod user;
