@@ -59,8 +59,10 @@ impl Application {
             .context("HTTP listener has no address")?;
         let (ingestor, ingest_task) = Ingestor::start(db.clone(), settings.ingest_batch_max);
         let (stop_background, stopped) = watch::channel(false);
+        let notifier = Notifier::default();
         let sweeper = commands::spawn_sweeper(
             db.clone(),
+            notifier.clone(),
             settings.command_sweep_interval(),
             stopped.clone(),
         );
@@ -72,7 +74,7 @@ impl Application {
                 db,
                 ingestor,
                 tokens,
-                notifier: Notifier::default(),
+                notifier,
             }),
             acceptor,
             http_addr,

@@ -8,19 +8,19 @@ use sea_orm::{
     sea_query::{Expr, ExprTrait, OnConflict},
     ActiveModelTrait,
     ActiveValue::{NotSet, Set},
-    ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder,
+    ColumnTrait, ConnectionTrait, DbBackend, EntityTrait, QueryFilter, QuerySelect, Statement,
 };
 use serde::Deserialize;
 use serde_json::{json, Value as Json};
 
 use crate::{
     db::{
-        entities::{command, device_status, telemetry_event},
-        Db,
+        entities::{command, telemetry_event},
+        placeholder, Db,
     },
     domain::{
         devices::{self, AuthenticatedDevice},
-        events::Counters,
+        events::{Contact, Counters, Ingestor},
         fleet::Attribution,
         notify::{Notification, Notifier},
         status::{self, StatusReport},
@@ -133,17 +133,18 @@ pub async fn create(
     new: NewCommand,
 ) -> Result<command::Model> {
     let command_type = clean_command_type(&new.command_type)?;
-    let now = Utc::now();
-    let expires_at = match new.expires_in {
-        None => None,
-        Some(d) => Some(
-            now + Duration::from_std(d)
+    let lifetime = new
+        .expires_in
+        .map(|d| {
+            Duration::from_std(d)
                 .ok()
                 .filter(|d| *d <= Duration::days(3650))
-                .ok_or_else(|| Error::invalid("invalid_expires_in", "expires_in is too large"))?,
-        ),
-    };
+                .ok_or_else(|| Error::invalid("invalid_expires_in", "expires_in is too large"))
+        })
+        .transpose()?;
     let txn = db.begin_write().await?;
+    let now = Utc::now();
+    let expires_at = lifetime.map(|l| now + l);
     let device = devices::find_by_device_id(&*txn, device_id).await?;
     let created = command::ActiveModel {
         id: NotSet,
@@ -163,7 +164,7 @@ pub async fn create(
         retry_count: Set(0),
         created_by: Set(new.created_by),
         expires_at: Set(expires_at),
-        lifetime_secs: Set(new.expires_in.map(|d| d.as_secs() as i64)),
+        lifetime_secs: Set(lifetime.map(|l| l.num_seconds())),
         late: Set(false),
     }
     .insert(&*txn)
@@ -177,59 +178,108 @@ pub async fn create(
     Ok(created)
 }
 
-/// A device's HTTP poll: its pending, unexpired commands, most urgent first then oldest; they
-/// are marked `sent` and the poll is recorded for presence.
+/// A device's HTTP poll: at most `limit` of its pending, unexpired commands, most urgent first
+/// then oldest, marked `sent`. The contact is recorded through the event writer's batched
+/// status path (even for an unassigned device, whose poll is then refused), so a poll that
+/// finds nothing due writes nothing itself.
 pub async fn poll(
     db: &Db,
+    ingestor: &Ingestor,
     notifier: &Notifier,
     device: &AuthenticatedDevice,
     limit: u64,
 ) -> Result<Vec<command::Model>> {
-    let _ = (notifier, limit);
+    ingestor.touch(device.id, Contact::Poll, Utc::now());
     device.ensure_assigned()?;
-    let now = Utc::now();
+    if !has_due(db.conn(), device.id, Utc::now()).await? {
+        return Ok(Vec::new());
+    }
     let txn = db.begin_write().await?;
-    let mut due = command::Entity::find()
-        .filter(command::Column::DeviceId.eq(device.id))
+    let sent = claim(&*txn, device.id, Channel::Http, limit, Utc::now()).await?;
+    txn.commit().await?;
+    announce(notifier, &sent);
+    Ok(sent)
+}
+
+/// Whether a device has a pending, unexpired command: a read, no write transaction.
+pub async fn has_due(conn: &impl ConnectionTrait, device: i32, now: DateTime<Utc>) -> Result<bool> {
+    Ok(command::Entity::find()
+        .select_only()
+        .column(command::Column::Id)
+        .filter(command::Column::DeviceId.eq(device))
         .filter(command::Column::Status.eq(Status::Pending.as_str()))
         .filter(
             command::Column::ExpiresAt
                 .is_null()
                 .or(command::Column::ExpiresAt.gt(now)),
         )
-        .order_by_desc(command::Column::Priority)
-        .order_by_asc(command::Column::CreatedAt)
-        .order_by_asc(command::Column::Id)
-        .all(&*txn)
+        .limit(1)
+        .into_tuple::<i32>()
+        .one(conn)
+        .await?
+        .is_some())
+}
+
+/// Marks up to `limit` of a device's due commands `sent` on `channel` and returns them in
+/// delivery order. Only `pending` rows change, in one conditional statement: two polls at once
+/// (in one process or two) never hand out the same command, and a command cancelled or timed
+/// out a moment earlier stays as it is. PostgreSQL skips rows another poll has locked.
+pub async fn claim(
+    conn: &impl ConnectionTrait,
+    device: i32,
+    channel: Channel,
+    limit: u64,
+    now: DateTime<Utc>,
+) -> Result<Vec<command::Model>> {
+    let backend = conn.get_database_backend();
+    let p = |n| placeholder(backend, n);
+    let lock = match backend {
+        DbBackend::Postgres => " FOR UPDATE SKIP LOCKED",
+        _ => "",
+    };
+    let sql = format!(
+        "UPDATE commands SET status = 'sent', sent_at = {}, channel = {} \
+         WHERE id IN (SELECT id FROM commands WHERE device_id = {} AND status = 'pending' \
+         AND (expires_at IS NULL OR expires_at > {}) \
+         ORDER BY priority DESC, created_at, id LIMIT {}{lock}) \
+         AND status = 'pending' RETURNING *",
+        p(1),
+        p(2),
+        p(3),
+        p(4),
+        p(5)
+    );
+    let mut sent = command::Entity::find()
+        .from_raw_sql(Statement::from_sql_and_values(
+            backend,
+            sql,
+            [
+                now.into(),
+                channel.as_str().into(),
+                device.into(),
+                now.into(),
+                i64::try_from(limit).unwrap_or(i64::MAX).into(),
+            ],
+        ))
+        .all(conn)
         .await?;
-    if !due.is_empty() {
-        command::Entity::update_many()
-            .col_expr(command::Column::Status, Expr::value(Status::Sent.as_str()))
-            .col_expr(command::Column::SentAt, Expr::value(now))
-            .col_expr(
-                command::Column::Channel,
-                Expr::value(Channel::Http.as_str()),
-            )
-            .filter(command::Column::Id.is_in(due.iter().map(|c| c.id)))
-            .exec(&*txn)
-            .await?;
-        for c in &mut due {
-            c.status = Status::Sent.as_str().to_owned();
-            c.sent_at = Some(now);
-            c.channel = Some(Channel::Http.as_str().to_owned());
-        }
+    sent.sort_by(|a, b| {
+        b.priority
+            .cmp(&a.priority)
+            .then(a.created_at.cmp(&b.created_at))
+            .then(a.id.cmp(&b.id))
+    });
+    Ok(sent)
+}
+
+fn announce(notifier: &Notifier, changed: &[command::Model]) {
+    for c in changed {
+        notifier.publish(Notification::CommandChanged {
+            device: c.device_id,
+            command_id: c.command_id.clone(),
+            status: c.status.clone(),
+        });
     }
-    let touched = device_status::Entity::update_many()
-        .col_expr(device_status::Column::LastPoll, Expr::value(now))
-        .col_expr(device_status::Column::UpdatedAt, Expr::value(now))
-        .filter(device_status::Column::DeviceId.eq(device.id))
-        .exec(&*txn)
-        .await?;
-    if touched.rows_affected == 0 {
-        devices::ensure_status(&*txn, device.id, now).await?;
-    }
-    txn.commit().await?;
-    Ok(due)
 }
 
 /// What a device reports after executing a command.
@@ -259,9 +309,12 @@ pub async fn find(conn: &impl ConnectionTrait, reference: &str) -> Result<comman
     found.ok_or_else(|| Error::not_found(Entity::Command, reference))
 }
 
-/// Records a device's result. A command already in a final state is left as it is; a
-/// successful `RESET` zeroes the device's counters (or takes the reported ones) and writes a
-/// `reset` entry into its machine's log.
+/// Records a device's result. Only an open command (`pending`, `sent`, or `timeout` after it
+/// was sent) takes a result, in one conditional update, so a result racing a cancel or another
+/// result ends in one state. A result after `expires_at` for a command the device received is
+/// still the device's truth: it is recorded and marked `late`. A successful `RESET` zeroes the
+/// device's counters (or takes the reported ones), sets the reset point older events cannot
+/// undo, and writes a `reset` entry into its machine's log.
 pub async fn report_result(
     db: &Db,
     notifier: &Notifier,
@@ -274,34 +327,6 @@ pub async fn report_result(
         .current_counters
         .map(Counters::validate)
         .transpose()?;
-    let now = Utc::now();
-    let txn = db.begin_write().await?;
-    let cmd = find(&*txn, reference).await?;
-    if cmd.device_id != device.id {
-        // Another device's command is, for this device, a command that does not exist.
-        return Err(Error::not_found(Entity::Command, reference));
-    }
-    let status = Status::parse(&cmd.status).unwrap_or(Status::Pending);
-    if status.is_final() {
-        status::record(&*txn, device.id, &StatusReport::default(), now).await?;
-        txn.commit().await?;
-        return Ok(cmd);
-    }
-    if cmd.expires_at.is_some_and(|at| at <= now) {
-        // Expired but not swept yet: the outcome must not depend on the sweeper's timing.
-        let mut active: command::ActiveModel = cmd.into();
-        active.status = Set(Status::Timeout.as_str().to_owned());
-        let timed_out = active.update(&*txn).await?;
-        status::record(&*txn, device.id, &StatusReport::default(), now).await?;
-        txn.commit().await?;
-        return Ok(timed_out);
-    }
-    let is_reset = cmd.command_type.eq_ignore_ascii_case("RESET");
-    let new_status = if result.success {
-        Status::Executed
-    } else {
-        Status::Failed
-    };
     let message = result
         .message
         .as_deref()
@@ -313,18 +338,76 @@ pub async fn report_result(
         (None, Some(m)) if result.success => Some(json!({ "message": m })),
         _ => None,
     };
-    let mut active: command::ActiveModel = cmd.clone().into();
-    active.status = Set(new_status.as_str().to_owned());
-    active.executed_at = Set(Some(now));
-    active.response_data = Set(response_data);
-    active.error_message = Set(if result.success { None } else { message });
-    if cmd.sent_at.is_none() {
-        active.sent_at = Set(Some(now));
+    let txn = db.begin_write().await?;
+    let now = Utc::now();
+    let cmd = find(&*txn, reference).await?;
+    if cmd.device_id != device.id {
+        // Another device's command is, for this device, a command that does not exist.
+        return Err(Error::not_found(Entity::Command, reference));
     }
-    let updated = active.update(&*txn).await?;
-    let _ = notifier;
+    let contact = StatusReport::default();
+    let expired = cmd.expires_at.is_some_and(|at| at <= now);
+    let status = Status::parse(&cmd.status).unwrap_or(Status::Pending);
+    let open = match status {
+        Status::Pending | Status::Sent => true,
+        Status::Timeout => cmd.sent_at.is_some(),
+        _ => false,
+    };
+    if !open || (expired && cmd.sent_at.is_none()) {
+        // Final, or expired before any device received it: nothing changes.
+        let mut unchanged = cmd;
+        if expired && !Status::parse(&unchanged.status).is_some_and(Status::is_final) {
+            if let Some(timed_out) = guarded_update(
+                &*txn,
+                unchanged.id,
+                &[Status::Pending],
+                command::Entity::update_many().col_expr(
+                    command::Column::Status,
+                    Expr::value(Status::Timeout.as_str()),
+                ),
+            )
+            .await?
+            {
+                unchanged = timed_out;
+            }
+        }
+        status::record(&*txn, device.id, &contact, now).await?;
+        txn.commit().await?;
+        return Ok(unchanged);
+    }
+    let new_status = if result.success {
+        Status::Executed
+    } else {
+        Status::Failed
+    };
+    let updated = guarded_update(
+        &*txn,
+        cmd.id,
+        &[Status::Pending, Status::Sent, Status::Timeout],
+        command::Entity::update_many()
+            .col_expr(command::Column::Status, Expr::value(new_status.as_str()))
+            .col_expr(command::Column::ExecutedAt, Expr::value(now))
+            .col_expr(command::Column::ResponseData, Expr::value(response_data))
+            .col_expr(
+                command::Column::ErrorMessage,
+                Expr::value(if result.success { None } else { message }),
+            )
+            .col_expr(
+                command::Column::SentAt,
+                Expr::value(cmd.sent_at.unwrap_or(now)),
+            )
+            .col_expr(command::Column::Late, Expr::value(expired)),
+    )
+    .await?;
+    let Some(updated) = updated else {
+        // Another result or a cancel got there first.
+        status::record(&*txn, device.id, &contact, now).await?;
+        txn.commit().await?;
+        return find(db.conn(), &cmd.id.to_string()).await;
+    };
 
-    let report_counters = if is_reset && result.success {
+    let is_reset = cmd.command_type.eq_ignore_ascii_case("RESET") && result.success;
+    let report_counters = if is_reset {
         Some(counters.unwrap_or(Counters::ZERO))
     } else {
         counters
@@ -334,13 +417,14 @@ pub async fn report_result(
         device.id,
         &StatusReport {
             counters: report_counters,
+            reset: is_reset,
             ..Default::default()
         },
         now,
     )
     .await?;
 
-    if is_reset && result.success {
+    if is_reset {
         let after = report_counters.unwrap_or(Counters::ZERO);
         let attribution = Attribution::load(&*txn, &[device.id], now).await?;
         let (machine, outlet) = attribution.at(device.id, now);
@@ -379,11 +463,29 @@ pub async fn report_result(
         .await?;
     }
     txn.commit().await?;
+    announce(notifier, std::slice::from_ref(&updated));
     Ok(updated)
 }
 
-/// Moves `pending`/`sent` commands whose `expires_at` has passed to `timeout`.
-pub async fn sweep_expired(db: &Db, now: DateTime<Utc>) -> Result<u64> {
+/// Applies `update` to command `id` only while it is in one of `from`; `None` when it was not
+/// (another transition won).
+async fn guarded_update(
+    conn: &impl ConnectionTrait,
+    id: i32,
+    from: &[Status],
+    update: sea_orm::UpdateMany<command::Entity>,
+) -> Result<Option<command::Model>> {
+    let mut rows = update
+        .filter(command::Column::Id.eq(id))
+        .filter(command::Column::Status.is_in(from.iter().map(|s| s.as_str())))
+        .exec_with_returning(conn)
+        .await?;
+    Ok(rows.pop())
+}
+
+/// Moves `pending`/`sent` commands whose `expires_at` has passed to `timeout`. One conditional
+/// statement: sweepers in several replicas never transition a command twice.
+pub async fn sweep_expired(db: &Db, notifier: &Notifier, now: DateTime<Utc>) -> Result<u64> {
     let txn = db.begin_write().await?;
     let swept = command::Entity::update_many()
         .col_expr(
@@ -392,82 +494,136 @@ pub async fn sweep_expired(db: &Db, now: DateTime<Utc>) -> Result<u64> {
         )
         .filter(command::Column::Status.is_in([Status::Pending.as_str(), Status::Sent.as_str()]))
         .filter(command::Column::ExpiresAt.lte(now))
-        .exec(&*txn)
-        .await?
-        .rows_affected;
+        .exec_with_returning(&*txn)
+        .await?;
     txn.commit().await?;
-    Ok(swept)
+    announce(notifier, &swept);
+    Ok(swept.len() as u64)
 }
 
-/// Puts a failed, timed-out or cancelled command back in the queue, with a fresh lifetime as
-/// long as its first one.
-/// At most `max_retries` retries per command.
+/// Puts a failed, timed-out or cancelled command back in the queue, at most `max_retries`
+/// times, with a fresh lifetime as long as the one it was created with, counted from now.
 pub async fn retry(
     db: &Db,
     notifier: &Notifier,
     reference: &str,
     max_retries: i32,
 ) -> Result<command::Model> {
-    let now = Utc::now();
     let txn = db.begin_write().await?;
+    let now = Utc::now();
     let cmd = find(&*txn, reference).await?;
-    let status = Status::parse(&cmd.status).unwrap_or(Status::Pending);
-    if !matches!(status, Status::Failed | Status::Timeout | Status::Cancelled) {
-        return Err(Error::Conflict {
-            code: "command_not_retryable",
-            detail: format!(
-                "command `{}` is {}; only failed, timed-out or cancelled commands can be retried",
-                cmd.command_id, cmd.status
-            ),
+    let lifetime = cmd
+        .lifetime_secs
+        .map(Duration::seconds)
+        .or_else(|| cmd.expires_at.map(|e| e - cmd.created_at));
+    let retried = guarded_update(
+        &*txn,
+        cmd.id,
+        &[Status::Failed, Status::Timeout, Status::Cancelled],
+        command::Entity::update_many()
+            .col_expr(
+                command::Column::Status,
+                Expr::value(Status::Pending.as_str()),
+            )
+            .col_expr(
+                command::Column::SentAt,
+                Expr::value(Option::<DateTime<Utc>>::None),
+            )
+            .col_expr(
+                command::Column::ExecutedAt,
+                Expr::value(Option::<DateTime<Utc>>::None),
+            )
+            .col_expr(
+                command::Column::Channel,
+                Expr::value(Option::<String>::None),
+            )
+            .col_expr(
+                command::Column::ResponseData,
+                Expr::value(Option::<Json>::None),
+            )
+            .col_expr(
+                command::Column::ErrorMessage,
+                Expr::value(Option::<String>::None),
+            )
+            .col_expr(command::Column::Late, Expr::value(false))
+            .col_expr(
+                command::Column::RetryCount,
+                Expr::col(command::Column::RetryCount).add(1),
+            )
+            .col_expr(
+                command::Column::ExpiresAt,
+                Expr::value(lifetime.map(|l| now + l)),
+            )
+            .filter(command::Column::RetryCount.lt(max_retries)),
+    )
+    .await?;
+    let Some(retried) = retried else {
+        let current = find(&*txn, reference).await?;
+        let retryable = matches!(
+            Status::parse(&current.status),
+            Some(Status::Failed | Status::Timeout | Status::Cancelled)
+        );
+        return Err(if retryable {
+            Error::Conflict {
+                code: "retry_limit_reached",
+                detail: format!(
+                    "command `{}` was retried {} times already; the limit is {max_retries}",
+                    current.command_id, current.retry_count
+                ),
+            }
+        } else {
+            Error::Conflict {
+                code: "command_not_retryable",
+                detail: format!(
+                    "command `{}` is {}; only failed, timed-out or cancelled commands can be retried",
+                    current.command_id, current.status
+                ),
+            }
         });
-    }
-    if cmd.retry_count >= max_retries {
-        return Err(Error::Conflict {
-            code: "retry_limit_reached",
-            detail: format!(
-                "command `{}` was retried {} times already; the limit is {max_retries}",
-                cmd.command_id, cmd.retry_count
-            ),
-        });
-    }
-    let lifetime = cmd.expires_at.map(|e| e - cmd.created_at);
-    let retry_count = cmd.retry_count + 1;
-    let mut active: command::ActiveModel = cmd.into();
-    active.status = Set(Status::Pending.as_str().to_owned());
-    active.sent_at = Set(None);
-    active.executed_at = Set(None);
-    active.channel = Set(None);
-    active.response_data = Set(None);
-    active.error_message = Set(None);
-    active.retry_count = Set(retry_count);
-    active.expires_at = Set(lifetime.map(|l| now + l));
-    let updated = active.update(&*txn).await?;
+    };
+    let device = devices::find_by_pk(&*txn, retried.device_id).await?;
     txn.commit().await?;
-    let _ = notifier;
-    Ok(updated)
+    notifier.publish(Notification::CommandQueued {
+        device: device.id,
+        device_id: device.device_id,
+        command_id: retried.command_id.clone(),
+    });
+    Ok(retried)
 }
 
 /// Cancels a command that has not reached a final state.
 pub async fn cancel(db: &Db, notifier: &Notifier, reference: &str) -> Result<command::Model> {
-    let _ = notifier;
     let txn = db.begin_write().await?;
     let cmd = find(&*txn, reference).await?;
-    if Status::parse(&cmd.status).is_some_and(Status::is_final) {
+    let cancelled = guarded_update(
+        &*txn,
+        cmd.id,
+        &[Status::Pending, Status::Sent],
+        command::Entity::update_many().col_expr(
+            command::Column::Status,
+            Expr::value(Status::Cancelled.as_str()),
+        ),
+    )
+    .await?;
+    let Some(cancelled) = cancelled else {
+        let current = find(&*txn, reference).await?;
         return Err(Error::Conflict {
             code: "command_final",
-            detail: format!("command `{}` is already {}", cmd.command_id, cmd.status),
+            detail: format!(
+                "command `{}` is already {}",
+                current.command_id, current.status
+            ),
         });
-    }
-    let mut active: command::ActiveModel = cmd.into();
-    active.status = Set(Status::Cancelled.as_str().to_owned());
-    let updated = active.update(&*txn).await?;
+    };
     txn.commit().await?;
-    Ok(updated)
+    announce(notifier, std::slice::from_ref(&cancelled));
+    Ok(cancelled)
 }
 
 /// Runs [`sweep_expired`] every `interval` until `stop` turns true.
 pub fn spawn_sweeper(
     db: Db,
+    notifier: Notifier,
     interval: StdDuration,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
@@ -477,7 +633,7 @@ pub fn spawn_sweeper(
         loop {
             tokio::select! {
                 _ = ticker.tick() => {
-                    match sweep_expired(&db, Utc::now()).await {
+                    match sweep_expired(&db, &notifier, Utc::now()).await {
                         Ok(0) => {}
                         Ok(n) => tracing::info!(commands = n, "expired commands timed out"),
                         Err(err) => tracing::warn!(error = %err, "command sweep failed"),

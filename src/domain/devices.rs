@@ -313,6 +313,14 @@ pub async fn reset_credentials(db: &Db, cache: &TokenCache, device_id: &str) -> 
     Ok(())
 }
 
+/// Finds a device by its primary key.
+pub async fn find_by_pk(conn: &impl ConnectionTrait, id: i32) -> Result<device::Model> {
+    device::Entity::find_by_id(id)
+        .one(conn)
+        .await?
+        .ok_or_else(|| Error::not_found(Entity::Device, id.to_string()))
+}
+
 /// Finds a device by its `device_id`, or by its MAC in any spelling (`ec-e3-…`) when no
 /// `device_id` matches exactly.
 pub async fn find_by_device_id(

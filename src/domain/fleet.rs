@@ -312,7 +312,9 @@ impl Attribution {
         let ids = padded_ids(devices);
         // SQLite binds `?` in order of appearance: the values follow the text.
         let joined_since = placeholder(backend, 1);
-        let list: Vec<String> = (2..ids.len() + 2).map(|n| placeholder(backend, n)).collect();
+        let list: Vec<String> = (2..ids.len() + 2)
+            .map(|n| placeholder(backend, n))
+            .collect();
         let bound_since = placeholder(backend, ids.len() + 2);
         let sql = format!(
             "SELECT md.id, md.device_id, md.machine_id, md.assigned_at, md.unassigned_at, \

@@ -1,6 +1,11 @@
 //! Device status: what devices report about themselves (counters, flags, last contact), and
-//! presence — `online`, `idle` or `offline` from MQTT presence and the age of the last poll
-//! (falling back to the last contact).
+//! presence — `online`, `idle` or `offline` from MQTT presence and the age of the newest
+//! contact.
+//!
+//! Device state never goes backwards: contact times only move forward, and counters and the
+//! other reported fields change only for a report newer (by its own time, then its arrival)
+//! than the one they came from. A successful reset is such a report, so events made before it
+//! cannot bring old counters back.
 
 use std::collections::HashMap;
 
@@ -14,6 +19,25 @@ use crate::{
     error::Result,
 };
 
+/// Orders reports about a device: the time a report describes (never later than its arrival:
+/// a clock running ahead cannot make a report win), then its arrival, which breaks ties.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Stamp {
+    /// Epoch milliseconds.
+    pub at: i64,
+    /// Epoch milliseconds.
+    pub rx: i64,
+}
+
+impl Stamp {
+    pub fn of(occurred: DateTime<Utc>, received: DateTime<Utc>) -> Stamp {
+        Stamp {
+            at: occurred.min(received).timestamp_millis(),
+            rx: received.timestamp_millis(),
+        }
+    }
+}
+
 /// What a device tells about itself with an event or a command result.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct StatusReport {
@@ -24,40 +48,110 @@ pub struct StatusReport {
     pub sd_card_available: Option<bool>,
     pub uptime_seconds: Option<i64>,
     pub device_timestamp: Option<String>,
+    /// A successful reset: its counters also set the reset point.
+    pub reset: bool,
 }
 
 impl StatusReport {
-    /// Takes every field the newer report carries.
-    pub fn merge(&mut self, newer: &StatusReport) {
-        macro_rules! take {
-            ($($f:ident),*) => { $( if newer.$f.is_some() { self.$f = newer.$f.clone(); } )* };
-        }
-        take!(
-            firmware,
-            counters,
-            wifi_connected,
-            rtc_available,
-            sd_card_available,
-            uptime_seconds,
-            device_timestamp
-        );
+    fn has_fields(&self) -> bool {
+        self.firmware.is_some()
+            || self.wifi_connected.is_some()
+            || self.rtc_available.is_some()
+            || self.sd_card_available.is_some()
+            || self.uptime_seconds.is_some()
+            || self.device_timestamp.is_some()
     }
 }
 
-/// Records contact from one device: its report, and that it was seen `now`.
+/// Everything one commit changes about one device: contact times, and the newest report of
+/// each kind with its stamp. Reports older than what the status already holds change nothing.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DeviceUpdate {
+    pub seen: Option<DateTime<Utc>>,
+    pub polled: Option<DateTime<Utc>>,
+    counters: Option<(Counters, Stamp)>,
+    reset: Option<Stamp>,
+    fields: Option<(StatusReport, Stamp)>,
+}
+
+fn later(a: Option<DateTime<Utc>>, b: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    Some(a.map_or(b, |a| a.max(b)))
+}
+
+impl DeviceUpdate {
+    pub fn seen_at(&mut self, at: DateTime<Utc>) {
+        self.seen = later(self.seen, at);
+    }
+
+    pub fn polled_at(&mut self, at: DateTime<Utc>) {
+        self.polled = later(self.polled, at);
+    }
+
+    /// Takes in a report made at `stamp`; reports may come in any order.
+    pub fn report(&mut self, report: &StatusReport, stamp: Stamp) {
+        if let Some(counters) = report.counters {
+            if self.counters.is_none_or(|(_, s)| stamp >= s) {
+                self.counters = Some((counters, stamp));
+            }
+        }
+        if report.reset && self.reset.is_none_or(|s| stamp > s) {
+            self.reset = Some(stamp);
+        }
+        if report.has_fields() {
+            match &mut self.fields {
+                // Older than a report already taken: it would overwrite the stored values of
+                // reports in between, so it changes nothing.
+                Some((_, s)) if stamp < *s => {}
+                Some((fields, s)) => {
+                    macro_rules! take {
+                        ($($f:ident),*) => { $( if report.$f.is_some() { fields.$f = report.$f.clone(); } )* };
+                    }
+                    take!(
+                        firmware,
+                        wifi_connected,
+                        rtc_available,
+                        sd_card_available,
+                        uptime_seconds,
+                        device_timestamp
+                    );
+                    *s = stamp;
+                }
+                None => {
+                    self.fields = Some((
+                        StatusReport {
+                            counters: None,
+                            reset: false,
+                            ..report.clone()
+                        },
+                        stamp,
+                    ))
+                }
+            }
+        }
+    }
+}
+
+/// Records contact from one device at `now`, and its report made at `now`.
 pub async fn record(
     conn: &impl ConnectionTrait,
     device: i32,
     report: &StatusReport,
     now: DateTime<Utc>,
 ) -> Result<()> {
-    record_many(conn, &[(device, report)], now, &DeviceMemo::default())
+    let mut update = DeviceUpdate::default();
+    update.seen_at(now);
+    update.report(report, Stamp::of(now, now));
+    record_many(conn, &[(device, update)], now, &DeviceMemo::default())
         .await
         .map(|_| ())
 }
 
 /// `devices.last_seen` is kept to this resolution; `device_status.last_seen` is exact.
 const DEVICE_SEEN_RESOLUTION: Duration = Duration::seconds(60);
+
+/// Devices remembered by a [`DeviceMemo`]; beyond it the memo starts over, so memory stays
+/// bounded whatever number of devices (or invented MACs) reports.
+const MEMO_MAX_DEVICES: usize = 100_000;
 
 /// What a caller last wrote to the `devices` row of each device, so that a stream of reports
 /// skips redundant writes: the firmware only when it changes, `last_seen` at most once per
@@ -71,6 +165,12 @@ pub struct DeviceMemo {
 impl DeviceMemo {
     /// Takes in the writes of a committed transaction.
     pub fn absorb(&mut self, writes: DeviceMemo) {
+        if self.firmware.len() + writes.firmware.len() > MEMO_MAX_DEVICES {
+            self.firmware = HashMap::new();
+        }
+        if self.seen.len() + writes.seen.len() > MEMO_MAX_DEVICES {
+            self.seen = HashMap::new();
+        }
         self.firmware.extend(writes.firmware);
         self.seen.extend(writes.seen);
     }
@@ -86,37 +186,47 @@ impl DeviceMemo {
     }
 }
 
-/// Records contact from many devices in two statements, whatever their number: one `UPDATE …
-/// FROM (VALUES …)` for the status rows (fields a report lacks keep their value) and one for
-/// `devices.last_seen`, skipping what `memo` says is already written; returns the writes
-/// made, for the caller's memo once committed.
+/// Records many devices' updates in two statements, whatever their number: one `UPDATE …
+/// FROM (VALUES …)` for the status rows, where every part only moves forward (contact times;
+/// counters and other fields only from a report newer than the one they hold), and one for
+/// `devices.last_seen`, skipping what `memo` says is already written; returns the writes made,
+/// for the caller's memo once committed.
 pub async fn record_many(
     conn: &impl ConnectionTrait,
-    reports: &[(i32, &StatusReport)],
+    updates: &[(i32, DeviceUpdate)],
     now: DateTime<Utc>,
     memo: &DeviceMemo,
 ) -> Result<DeviceMemo> {
     let mut writes = DeviceMemo::default();
-    if reports.is_empty() {
+    if updates.is_empty() {
         return Ok(writes);
     }
     let backend = conn.get_database_backend();
-    // Rows are padded to a power of two with copies of the last one (identical updates), so
-    // that few statement shapes recur and stay prepared.
-    let rows = reports.len().next_power_of_two();
-    let mut values: Vec<Value> = vec![now.into(), now.into()];
+    // Rows are padded to a power of two with copies of the last one (identical updates, which
+    // change nothing the second time), so that few statement shapes recur and stay prepared.
+    let rows = updates.len().next_power_of_two();
+    let mut values: Vec<Value> = vec![now.into()];
     for i in 0..rows {
-        let (device, r) = reports[i.min(reports.len() - 1)];
+        let (device, u) = &updates[i.min(updates.len() - 1)];
+        let counters = u.counters.map(|(c, _)| c);
+        let fields = u.fields.as_ref().map(|(f, _)| f);
         values.extend([
-            device.into(),
-            r.counters.map(|c| c.basic).into(),
-            r.counters.map(|c| c.standard).into(),
-            r.counters.map(|c| c.premium).into(),
-            r.wifi_connected.into(),
-            r.rtc_available.into(),
-            r.sd_card_available.into(),
-            r.uptime_seconds.into(),
-            r.device_timestamp.clone().into(),
+            (*device).into(),
+            u.seen.into(),
+            u.polled.into(),
+            counters.map(|c| c.basic).into(),
+            counters.map(|c| c.standard).into(),
+            counters.map(|c| c.premium).into(),
+            u.counters.map(|(_, s)| s.at).into(),
+            u.counters.map(|(_, s)| s.rx).into(),
+            fields.and_then(|f| f.wifi_connected).into(),
+            fields.and_then(|f| f.rtc_available).into(),
+            fields.and_then(|f| f.sd_card_available).into(),
+            fields.and_then(|f| f.uptime_seconds).into(),
+            fields.and_then(|f| f.device_timestamp.clone()).into(),
+            u.fields.as_ref().map(|(_, s)| s.at).into(),
+            u.fields.as_ref().map(|(_, s)| s.rx).into(),
+            u.reset.map(|s| s.at).into(),
         ]);
     }
     let sql = status_update_sql(backend, rows);
@@ -124,27 +234,29 @@ pub async fn record_many(
         .execute_raw(Statement::from_sql_and_values(backend, sql, values.clone()))
         .await?
         .rows_affected();
-    if updated < reports.len() as u64 {
+    if updated < updates.len() as u64 {
         // A device registered before it had a status row gets one, then the update again.
-        for (device, _) in reports {
+        for (device, _) in updates {
             devices::ensure_status(conn, *device, now).await?;
         }
         conn.execute_raw(Statement::from_sql_and_values(backend, sql, values))
             .await?;
     }
 
-    let ids: Vec<i32> = reports
+    let ids: Vec<i32> = updates
         .iter()
+        .filter(|(d, u)| u.seen.is_some() && !memo.seen_recently(*d, now))
         .map(|(d, _)| *d)
-        .filter(|d| !memo.seen_recently(*d, now))
         .collect();
     if !ids.is_empty() {
-        let mut values: Vec<Value> = vec![now.into()];
+        let mut values: Vec<Value> = vec![now.into(), now.into()];
         values.extend(padded_ids(&ids).into_iter().map(Value::from));
         let sql = format!(
-            "UPDATE devices SET last_seen = {} WHERE id IN ({})",
+            "UPDATE devices SET last_seen = {} WHERE (last_seen IS NULL OR last_seen < {}) \
+             AND id IN ({})",
             placeholder(backend, 1),
-            (2..values.len() + 1)
+            placeholder(backend, 2),
+            (3..values.len() + 1)
                 .map(|n| placeholder(backend, n))
                 .collect::<Vec<_>>()
                 .join(", ")
@@ -154,21 +266,27 @@ pub async fn record_many(
         writes.seen.extend(ids.iter().map(|d| (*d, now)));
     }
 
-    for (device, report) in reports {
-        let Some(firmware) = &report.firmware else {
+    for (device, update) in updates {
+        let Some((fields, stamp)) = &update.fields else {
+            continue;
+        };
+        let Some(firmware) = &fields.firmware else {
             continue;
         };
         if memo.firmware_of(*device) == Some(firmware.as_str()) {
             continue;
         }
+        // Only from a report at least as new as the one the status holds now.
         conn.execute_raw(Statement::from_sql_and_values(
             backend,
             format!(
-                "UPDATE devices SET firmware = {} WHERE id = {}",
+                "UPDATE devices SET firmware = {} WHERE id = {} AND NOT EXISTS \
+                 (SELECT 1 FROM device_status s WHERE s.device_id = devices.id AND s.report_at > {})",
                 placeholder(backend, 1),
-                placeholder(backend, 2)
+                placeholder(backend, 2),
+                placeholder(backend, 3)
             ),
-            [firmware.clone().into(), (*device).into()],
+            [firmware.clone().into(), (*device).into(), stamp.at.into()],
         ))
         .await?;
         writes.firmware.insert(*device, firmware.clone());
@@ -176,20 +294,27 @@ pub async fn record_many(
     Ok(writes)
 }
 
-/// Columns of the `VALUES` rows, in order, with their SQL types; `column1` is the device.
-const REPORT_COLUMNS: [(&str, &str); 8] = [
+/// The columns of a `VALUES` row after the device (`column1`), with their SQL types.
+const UPDATE_COLUMNS: [(&str, &str); 15] = [
+    ("seen", "TIMESTAMP"),
+    ("polled", "TIMESTAMP"),
     ("current_count_basic", "BIGINT"),
     ("current_count_standard", "BIGINT"),
     ("current_count_premium", "BIGINT"),
+    ("counters_at", "BIGINT"),
+    ("counters_rx", "BIGINT"),
     ("wifi_connected", "BOOLEAN"),
     ("rtc_available", "BOOLEAN"),
     ("sd_card_available", "BOOLEAN"),
     ("uptime_seconds", "BIGINT"),
     ("device_timestamp", "TEXT"),
+    ("report_at", "BIGINT"),
+    ("report_rx", "BIGINT"),
+    ("reset_at", "BIGINT"),
 ];
 
 /// `UPDATE … FROM (VALUES …)`: SQLite (3.33+) and PostgreSQL both name the columns of a
-/// `VALUES` list `column1…N`, so one text serves both, placeholders aside.
+/// `VALUES` list `column1…N`, so one text serves both, placeholders and types aside.
 fn status_update_sql(backend: DbBackend, rows: usize) -> &'static str {
     use std::sync::OnceLock;
     static SQLITE: OnceLock<std::sync::Mutex<HashMap<usize, &'static str>>> = OnceLock::new();
@@ -213,24 +338,80 @@ fn build_status_update_sql(backend: DbBackend, rows: usize) -> String {
         n += 1;
         placeholder(backend, n)
     };
-    let mut sql = format!(
-        "UPDATE device_status SET last_seen = {}, updated_at = {}",
-        next(),
-        next()
-    );
-    for (i, (column, _)) in REPORT_COLUMNS.iter().enumerate() {
-        sql.push_str(&format!(
-            ", {column} = COALESCE(v.column{}, device_status.{column})",
-            i + 2
+    // `vN` is the N-th column of the VALUES row; `s.` the stored status.
+    let v = |name: &str| {
+        let i = UPDATE_COLUMNS
+            .iter()
+            .position(|(c, _)| *c == name)
+            .map_or(0, |i| i + 2);
+        format!("v.column{i}")
+    };
+    let forward = |column: &str, value: String| {
+        format!(
+            "{column} = CASE WHEN {value} IS NOT NULL AND (device_status.{column} IS NULL \
+             OR device_status.{column} < {value}) THEN {value} ELSE device_status.{column} END"
+        )
+    };
+    let newer = |at: &str, rx: &str| {
+        format!(
+            "({vat} IS NOT NULL AND (device_status.{at} IS NULL OR {vat} > device_status.{at} \
+             OR ({vat} = device_status.{at} AND {vrx} >= COALESCE(device_status.{rx}, 0))))",
+            vat = v(at),
+            vrx = v(rx)
+        )
+    };
+    let newer_counters = newer("counters_at", "counters_rx");
+    let newer_report = newer("report_at", "report_rx");
+    let mut sets = vec![
+        format!("updated_at = {}", next()),
+        forward("last_seen", v("seen")),
+        forward("last_poll", v("polled")),
+        forward("reset_at", v("reset_at")),
+    ];
+    for column in [
+        "current_count_basic",
+        "current_count_standard",
+        "current_count_premium",
+        "counters_at",
+        "counters_rx",
+    ] {
+        sets.push(format!(
+            "{column} = CASE WHEN {newer_counters} THEN {} ELSE device_status.{column} END",
+            v(column)
         ));
     }
-    sql.push_str(" FROM (VALUES ");
+    for column in [
+        "wifi_connected",
+        "rtc_available",
+        "sd_card_available",
+        "uptime_seconds",
+        "device_timestamp",
+    ] {
+        sets.push(format!(
+            "{column} = CASE WHEN {newer_report} THEN COALESCE({}, device_status.{column}) \
+             ELSE device_status.{column} END",
+            v(column)
+        ));
+    }
+    for column in ["report_at", "report_rx"] {
+        sets.push(format!(
+            "{column} = CASE WHEN {newer_report} THEN {} ELSE device_status.{column} END",
+            v(column)
+        ));
+    }
+    let timestamp = match backend {
+        DbBackend::Postgres => "TIMESTAMPTZ",
+        // SQLite keeps times as RFC 3339 text in UTC, which sorts in time order.
+        _ => "TEXT",
+    };
+    let mut sql = format!("UPDATE device_status SET {} FROM (VALUES ", sets.join(", "));
     for row in 0..rows {
         if row > 0 {
             sql.push_str(", ");
         }
         sql.push_str(&format!("(CAST({} AS INTEGER)", next()));
-        for (_, ty) in REPORT_COLUMNS {
+        for (_, ty) in UPDATE_COLUMNS {
+            let ty = if ty == "TIMESTAMP" { timestamp } else { ty };
             sql.push_str(&format!(", CAST({} AS {ty})", next()));
         }
         sql.push(')');
@@ -257,7 +438,8 @@ pub fn presence(status: &device_status::Model, now: DateTime<Utc>, t: Thresholds
     if status.mqtt_connected {
         return Presence::Online;
     }
-    let Some(last) = status.last_poll.or(status.last_seen) else {
+    // The newest contact of any kind: a poll, an event, a connection.
+    let Some(last) = status.last_poll.max(status.last_seen) else {
         return Presence::Offline;
     };
     let age = now - last;
@@ -299,7 +481,7 @@ mod tests {
     }
 
     #[test]
-    fn thresholds_prefer_last_poll_over_last_seen() {
+    fn presence_follows_the_newest_contact() {
         let t = Thresholds {
             online: Duration::minutes(16),
             idle: Duration::hours(1),
@@ -311,6 +493,11 @@ mod tests {
         );
         assert_eq!(
             presence(&status(Some(17), Some(1), false), now, t),
+            Presence::Online,
+            "an old poll does not hide a newer event"
+        );
+        assert_eq!(
+            presence(&status(Some(30), Some(40), false), now, t),
             Presence::Idle
         );
         assert_eq!(
@@ -325,5 +512,56 @@ mod tests {
             presence(&status(Some(600), None, true), now, t),
             Presence::Online
         );
+    }
+
+    fn counters(basic: i64) -> StatusReport {
+        StatusReport {
+            counters: Some(Counters {
+                basic,
+                standard: 0,
+                premium: 0,
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_newest_report_wins_whatever_the_arrival_order() {
+        let t0 = Utc::now();
+        let mut update = DeviceUpdate::default();
+        update.report(&counters(6), Stamp::of(t0, t0));
+        update.report(
+            &counters(5),
+            Stamp::of(t0 - Duration::minutes(10), t0 + Duration::seconds(1)),
+        );
+        assert_eq!(update.counters.map(|(c, _)| c.basic), Some(6));
+    }
+
+    #[test]
+    fn a_clock_ahead_of_arrival_does_not_win() {
+        let t0 = Utc::now();
+        let ahead = Stamp::of(t0 + Duration::hours(12), t0);
+        let next = Stamp::of(t0 + Duration::seconds(1), t0 + Duration::seconds(1));
+        assert!(next > ahead);
+    }
+
+    #[test]
+    fn older_reports_do_not_change_fields() {
+        let t0 = Utc::now();
+        let mut update = DeviceUpdate::default();
+        let newer = StatusReport {
+            wifi_connected: Some(true),
+            ..Default::default()
+        };
+        let older = StatusReport {
+            wifi_connected: Some(false),
+            uptime_seconds: Some(7),
+            ..Default::default()
+        };
+        update.report(&newer, Stamp::of(t0, t0));
+        update.report(&older, Stamp::of(t0 - Duration::minutes(1), t0));
+        let (fields, _) = update.fields.unwrap();
+        assert_eq!(fields.wifi_connected, Some(true));
+        assert_eq!(fields.uptime_seconds, None);
     }
 }

@@ -237,6 +237,7 @@ async fn poll_commands(
     device.ensure_is(&device_id)?;
     let due = commands::poll(
         &state.db,
+        &state.ingestor,
         &state.notifier,
         &device,
         state.settings.poll_max_commands,

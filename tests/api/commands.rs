@@ -396,7 +396,9 @@ async fn sweep_moves_pending_and_sent_commands_past_expiry_to_timeout() {
     let pending = app.send_command(&d, "REBOOT", &["--expires-in", "60"]);
     let forever = app.send_command(&d, "NOOP", &[]);
     let later = chrono::Utc::now() + chrono::Duration::seconds(120);
-    let swept = commands::sweep_expired(&app.state.db, later).await.unwrap();
+    let swept = commands::sweep_expired(&app.state.db, &app.state.notifier, later)
+        .await
+        .unwrap();
     assert_eq!(swept, 2);
     for (cmd, status) in [
         (&sent, "timeout"),

@@ -448,10 +448,20 @@ async fn status_reports_of_many_devices_are_recorded_in_one_statement() {
     };
     let nothing = status::StatusReport::default();
     let now = chrono::Utc::now();
+    let update = |report: &status::StatusReport| {
+        let mut u = status::DeviceUpdate::default();
+        u.seen_at(now);
+        u.report(report, status::Stamp::of(now, now));
+        u
+    };
     let txn = app.state.db.begin_write().await.unwrap();
     let writes = status::record_many(
         &*txn,
-        &[(pa, &with_counters), (pb, &wifi_only), (pc, &nothing)],
+        &[
+            (pa, update(&with_counters)),
+            (pb, update(&wifi_only)),
+            (pc, update(&nothing)),
+        ],
         now,
         &Default::default(),
     )

@@ -8,7 +8,7 @@ use serde::Deserialize;
 use serde_json::Value as Json;
 use sha2::{Digest, Sha256};
 
-pub use writer::{Ingested, Ingestor};
+pub use writer::{Contact, Ingested, Ingestor, CONTACT_DELAY};
 
 use crate::{
     db::Db,
@@ -303,6 +303,7 @@ impl NewEvent {
                 sd_card_available: body.sd_card_available,
                 uptime_seconds: body.uptime_seconds.filter(|u| *u >= 0),
                 device_timestamp,
+                reset: false,
             },
         })
     }

@@ -1,16 +1,25 @@
 //! The group-commit writer: events queued while a commit is in flight share the next
-//! transaction, and each is acknowledged only after that commit.
+//! transaction, and each is acknowledged only after that commit. Contacts without an event
+//! (polls, connections) ride along: they are recorded with the next commit, or within
+//! [`CONTACT_DELAY`] when no event comes, never with a transaction of their own per request.
 
-use std::collections::{HashMap, HashSet};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use sea_orm::{ConnectionTrait, DbBackend, DbErr, Statement, Value};
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use super::{NewEvent, Treatment};
 use crate::{
     db::{placeholder, Db},
-    domain::{fleet::Attribution, status},
+    domain::{
+        fleet::Attribution,
+        status::{self, Stamp},
+    },
     error::{Error, Result},
 };
 
@@ -25,11 +34,27 @@ struct Job {
     done: oneshot::Sender<Result<Ingested>>,
 }
 
+/// A contact that carries no event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Contact {
+    /// An HTTP command poll: sets `last_poll`.
+    Poll,
+    /// Any other sign of life: sets `last_seen`.
+    Seen,
+}
+
+/// How long a contact may wait for an event commit to ride along with.
+pub const CONTACT_DELAY: Duration = Duration::from_millis(100);
+
+type Contacts = Arc<Mutex<HashMap<i32, status::DeviceUpdate>>>;
+
 /// Hands events to the group-commit writer.
 #[derive(Clone)]
 pub struct Ingestor {
     tx: mpsc::Sender<Job>,
-    stop: std::sync::Arc<Notify>,
+    stop: Arc<Notify>,
+    contacts: Contacts,
+    contact_ready: Arc<Notify>,
 }
 
 impl Ingestor {
@@ -38,8 +63,17 @@ impl Ingestor {
     /// once and a busy one amortises the fsync.
     pub fn start(db: Db, batch_max: usize) -> (Ingestor, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(batch_max.max(1) * 8);
-        let stop = std::sync::Arc::new(Notify::new());
-        let writer = run_writer(db, rx, batch_max.max(1), stop.clone());
+        let stop = Arc::new(Notify::new());
+        let contacts: Contacts = Arc::default();
+        let contact_ready = Arc::new(Notify::new());
+        let writer = run_writer(
+            db,
+            rx,
+            batch_max.max(1),
+            stop.clone(),
+            contacts.clone(),
+            contact_ready.clone(),
+        );
         // The writer gets a thread and runtime of its own: each of its awaits (one per
         // statement) would otherwise queue behind request tasks on a busy runtime, and the
         // commit cycle, which every acknowledgement waits for, would stretch with HTTP load.
@@ -53,7 +87,31 @@ impl Ingestor {
                     Err(err) => tracing::error!(error = %err, "cannot start the event writer"),
                 },
             );
-        (Ingestor { tx, stop }, task)
+        (
+            Ingestor {
+                tx,
+                stop,
+                contacts,
+                contact_ready,
+            },
+            task,
+        )
+    }
+
+    /// Records a contact without waiting: it is committed with the next batch, within
+    /// [`CONTACT_DELAY`] plus one commit, and before the writer stops.
+    pub fn touch(&self, device: i32, contact: Contact, at: DateTime<Utc>) {
+        let mut contacts = self.contacts.lock().unwrap_or_else(|e| e.into_inner());
+        let first = contacts.is_empty();
+        let update = contacts.entry(device).or_default();
+        match contact {
+            Contact::Poll => update.polled_at(at),
+            Contact::Seen => update.seen_at(at),
+        }
+        drop(contacts);
+        if first {
+            self.contact_ready.notify_one();
+        }
     }
 
     /// Resolves once the event is durably stored (or known to be a duplicate).
@@ -76,7 +134,9 @@ async fn run_writer(
     db: Db,
     mut rx: mpsc::Receiver<Job>,
     batch_max: usize,
-    stop: std::sync::Arc<Notify>,
+    stop: Arc<Notify>,
+    contacts: Contacts,
+    contact_ready: Arc<Notify>,
 ) {
     let mut stopping = false;
     let mut memo = status::DeviceMemo::default();
@@ -86,6 +146,16 @@ async fn run_writer(
         } else {
             tokio::select! {
                 job = rx.recv() => job,
+                _ = contact_ready.notified() => {
+                    // Give an event a moment to arrive and carry the contacts along.
+                    match tokio::time::timeout(CONTACT_DELAY, rx.recv()).await {
+                        Ok(job) => job,
+                        Err(_) => {
+                            commit_contacts(&db, &contacts, &mut memo).await;
+                            continue;
+                        }
+                    }
+                }
                 _ = stop.notified() => {
                     stopping = true;
                     rx.close();
@@ -101,28 +171,70 @@ async fn run_writer(
                 Err(_) => break,
             }
         }
+        let touched = take_contacts(&contacts);
         let events: Vec<&NewEvent> = jobs.iter().map(|j| &j.event).collect();
-        match commit_batch(&db, &events, &mut memo).await {
+        match commit_batch(&db, &events, touched.clone(), &mut memo).await {
             Ok(outcomes) => {
                 for (job, outcome) in jobs.into_iter().zip(outcomes) {
                     let _ = job.done.send(Ok(outcome));
                 }
             }
-            Err(err) if jobs.len() > 1 => {
+            Err(err) => {
                 // One bad event must not fail its neighbours: retry them one by one.
                 tracing::warn!(error = %err, size = jobs.len(), "event batch failed; committing individually");
                 for job in jobs {
-                    let outcome = commit_batch(&db, &[&job.event], &mut memo)
+                    let outcome = commit_batch(&db, &[&job.event], HashMap::new(), &mut memo)
                         .await
                         .map(|mut o| o.pop().unwrap_or(Ingested::Duplicate));
+                    if let Err(err) = &outcome {
+                        tracing::error!(error = %err, event_id = %job.event.event_id, "event could not be stored");
+                    }
                     let _ = job.done.send(outcome);
                 }
+                restore_contacts(&contacts, touched);
             }
-            Err(err) => {
-                for job in jobs {
-                    let _ = job.done.send(Err(Error::Internal(err.to_string())));
-                }
-            }
+        }
+    }
+    // Contacts that came in last are written before the writer ends.
+    commit_contacts(&db, &contacts, &mut memo).await;
+}
+
+fn take_contacts(contacts: &Contacts) -> HashMap<i32, status::DeviceUpdate> {
+    std::mem::take(&mut *contacts.lock().unwrap_or_else(|e| e.into_inner()))
+}
+
+/// Puts contacts back after a failed commit, merged with any that came in since.
+fn restore_contacts(contacts: &Contacts, touched: HashMap<i32, status::DeviceUpdate>) {
+    let mut current = contacts.lock().unwrap_or_else(|e| e.into_inner());
+    for (device, update) in touched {
+        let entry = current.entry(device).or_default();
+        if let Some(at) = update.seen {
+            entry.seen_at(at);
+        }
+        if let Some(at) = update.polled {
+            entry.polled_at(at);
+        }
+    }
+}
+
+async fn commit_contacts(db: &Db, contacts: &Contacts, memo: &mut status::DeviceMemo) {
+    let touched = take_contacts(contacts);
+    if touched.is_empty() {
+        return;
+    }
+    let updates: Vec<(i32, status::DeviceUpdate)> = touched.clone().into_iter().collect();
+    let result = async {
+        let txn = db.begin_write().await?;
+        let writes = status::record_many(&*txn, &updates, Utc::now(), memo).await?;
+        txn.commit().await?;
+        Ok::<_, Error>(writes)
+    }
+    .await;
+    match result {
+        Ok(writes) => memo.absorb(writes),
+        Err(err) => {
+            tracing::warn!(error = %err, devices = updates.len(), "recording contacts failed; retrying with the next commit");
+            restore_contacts(contacts, touched);
         }
     }
 }
@@ -131,9 +243,9 @@ async fn run_writer(
 async fn commit_batch(
     db: &Db,
     events: &[&NewEvent],
+    mut updates: HashMap<i32, status::DeviceUpdate>,
     memo: &mut status::DeviceMemo,
 ) -> Result<Vec<Ingested>> {
-    let now = Utc::now();
     // Repeats within the batch: the first occurrence is the one that may be new.
     let mut first_seen: HashSet<(i32, &str)> = HashSet::with_capacity(events.len());
     let candidates: Vec<&NewEvent> = events
@@ -146,6 +258,7 @@ async fn commit_batch(
     device_ids.dedup();
 
     let txn = db.begin_write().await?;
+    let now = Utc::now();
     let earliest = candidates
         .iter()
         .map(|e| e.occurred_at)
@@ -157,22 +270,21 @@ async fn commit_batch(
         inserted.extend(insert_events(&*txn, chunk, &attribution).await?);
     }
 
-    // Device status: the newest report of each device wins; every sender was seen now.
-    let mut reports: HashMap<i32, status::StatusReport> = HashMap::new();
+    // Device status: every sender was seen now; each new event's report counts by its own
+    // time, so a buffered older event never overwrites a newer state.
+    for device in &device_ids {
+        updates.entry(*device).or_default().seen_at(now);
+    }
     for event in &candidates {
         if inserted.contains(&(event.device, event.event_id.clone())) {
-            reports
-                .entry(event.device)
-                .or_default()
-                .merge(&event.report);
+            updates.entry(event.device).or_default().report(
+                &event.report,
+                Stamp::of(event.occurred_at, event.received_at),
+            );
         }
     }
-    let empty = status::StatusReport::default();
-    let contact: Vec<(i32, &status::StatusReport)> = device_ids
-        .iter()
-        .map(|d| (*d, reports.get(d).unwrap_or(&empty)))
-        .collect();
-    let writes = status::record_many(&*txn, &contact, now, memo).await?;
+    let updates: Vec<(i32, status::DeviceUpdate)> = updates.into_iter().collect();
+    let writes = status::record_many(&*txn, &updates, now, memo).await?;
     txn.commit().await?;
     // Remembered only once committed.
     memo.absorb(writes);
