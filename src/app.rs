@@ -70,6 +70,7 @@ impl Application {
         let tokens = TokenCache::new(Duration::from_millis(settings.token_cache_ttl_ms));
         Ok(Application {
             state: Arc::new(AppState {
+                legacy: settings.legacy_policy(),
                 settings,
                 db,
                 ingestor,

@@ -40,6 +40,12 @@ pub struct Settings {
     pub poll_max_commands: u64,
     /// How many times a failed, timed-out or cancelled command may be retried.
     pub max_command_retries: i32,
+    /// The legacy `/api/iot/` form: `on` (the original contract), `off`, or
+    /// `unassigned-only` (assigned devices must use authenticated events).
+    pub legacy_iot: crate::domain::trust::LegacyIot,
+    /// Client networks (CIDR) allowed to post the legacy form and to handshake without the
+    /// device's current token; empty allows all.
+    pub legacy_networks: Vec<ipnet::IpNet>,
     /// Log filter, in `RUST_LOG` syntax.
     pub log: String,
 }
@@ -61,6 +67,8 @@ impl Default for Settings {
             token_cache_ttl_ms: 2_000,
             poll_max_commands: 20,
             max_command_retries: 5,
+            legacy_iot: Default::default(),
+            legacy_networks: Vec::new(),
             log: "info".into(),
         }
     }
@@ -130,6 +138,13 @@ impl Settings {
         Duration::from_millis(self.command_sweep_interval_ms.max(10))
     }
 
+    pub fn legacy_policy(&self) -> crate::domain::trust::LegacyPolicy {
+        crate::domain::trust::LegacyPolicy {
+            iot: self.legacy_iot,
+            networks: self.legacy_networks.clone(),
+        }
+    }
+
     pub fn thresholds(&self) -> crate::domain::status::Thresholds {
         crate::domain::status::Thresholds {
             online: chrono::Duration::seconds(self.online_threshold_secs as i64),
@@ -155,6 +170,8 @@ impl fmt::Debug for Settings {
             .field("token_cache_ttl_ms", &self.token_cache_ttl_ms)
             .field("poll_max_commands", &self.poll_max_commands)
             .field("max_command_retries", &self.max_command_retries)
+            .field("legacy_iot", &self.legacy_iot)
+            .field("legacy_networks", &self.legacy_networks)
             .field("log", &self.log)
             .finish()
     }

@@ -49,12 +49,31 @@ pub enum Error {
     Invalid { code: &'static str, detail: String },
     #[error("{detail}")]
     Conflict { code: &'static str, detail: String },
+    /// Refused by policy whoever asks (a setting, an address not allowed).
+    #[error("{detail}")]
+    Forbidden { code: &'static str, detail: String },
     #[error("the service is shutting down")]
     Unavailable,
     #[error("database error: {0}")]
-    Database(#[from] DbErr),
+    Database(DbErr),
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+impl From<DbErr> for Error {
+    /// A unique constraint that refuses a write is a conflict with what another request did
+    /// at the same moment (two assignments of one machine, say), not a server fault.
+    fn from(err: DbErr) -> Self {
+        match err.sql_err() {
+            Some(sea_orm::SqlErr::UniqueConstraintViolation(detail)) => Error::Conflict {
+                code: "conflict",
+                detail: format!(
+                    "the change conflicts with another one made at the same time ({detail}); retry"
+                ),
+            },
+            _ => Error::Database(err),
+        }
+    }
 }
 
 impl Error {
@@ -89,7 +108,8 @@ impl Error {
             },
             Error::Malformed { code, .. }
             | Error::Invalid { code, .. }
-            | Error::Conflict { code, .. } => code,
+            | Error::Conflict { code, .. }
+            | Error::Forbidden { code, .. } => code,
             Error::Unavailable => "unavailable",
             Error::Database(_) | Error::Internal(_) => "internal_error",
         }

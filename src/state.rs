@@ -4,7 +4,7 @@
 use crate::{
     config::Settings,
     db::Db,
-    domain::{devices::TokenCache, events::Ingestor, notify::Notifier},
+    domain::{devices::TokenCache, events::Ingestor, notify::Notifier, trust::LegacyPolicy},
 };
 
 pub struct AppState {
@@ -13,4 +13,6 @@ pub struct AppState {
     pub ingestor: Ingestor,
     pub tokens: TokenCache,
     pub notifier: Notifier,
+    /// Who may use the endpoints without a device token (from the settings).
+    pub legacy: LegacyPolicy,
 }

@@ -12,7 +12,8 @@ use std::{
 
 use chrono::{DateTime, Utc};
 use sea_orm::{
-    ActiveModelTrait, ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter,
+    sea_query::OnConflict, ActiveModelTrait, ActiveValue::Set, ColumnTrait, ConnectionTrait,
+    EntityTrait, QueryFilter,
 };
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -22,6 +23,7 @@ use crate::{
         entities::{device, device_status},
         Db,
     },
+    domain::trust::LegacyPolicy,
     error::{Entity, Error, Result},
 };
 
@@ -97,6 +99,9 @@ impl AuthenticatedDevice {
 pub struct TokenCache {
     ttl: Duration,
     entries: Mutex<HashMap<String, (AuthenticatedDevice, Instant)>>,
+    /// Bumped by every eviction: a lookup that read the database before an eviction does not
+    /// cache what it read, so a token rotated or unassigned a moment ago is not put back.
+    epoch: std::sync::atomic::AtomicU64,
 }
 
 const TOKEN_CACHE_MAX: usize = 100_000;
@@ -106,7 +111,12 @@ impl TokenCache {
         TokenCache {
             ttl,
             entries: Mutex::new(HashMap::new()),
+            epoch: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    fn epoch(&self) -> u64 {
+        self.epoch.load(std::sync::atomic::Ordering::Acquire)
     }
 
     fn get(&self, hash: &str) -> Option<AuthenticatedDevice> {
@@ -117,20 +127,25 @@ impl TokenCache {
             .map(|(device, _)| device.clone())
     }
 
-    fn put(&self, hash: String, device: AuthenticatedDevice) {
+    fn put(&self, hash: String, device: AuthenticatedDevice, read_at_epoch: u64) {
         if self.ttl.is_zero() {
             return;
         }
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        if self.epoch() != read_at_epoch {
+            return;
+        }
         if entries.len() >= TOKEN_CACHE_MAX {
             entries.clear();
         }
         entries.insert(hash, (device, Instant::now()));
     }
 
-    /// Forgets every cached token of a device (rotation, assignment changes).
+    /// Forgets every cached token of a device (rotation, assignment changes). Call it after
+    /// the change is committed.
     pub fn evict_device(&self, id: i32) {
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        self.epoch.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         entries.retain(|_, (device, _)| device.id != id);
     }
 }
@@ -153,6 +168,7 @@ pub async fn authenticate(
             return Ok(device);
         }
     }
+    let epoch = cache.epoch();
     let found = device::Entity::find()
         .filter(device::Column::TokenHash.eq(hash.as_str()))
         .one(db.conn())
@@ -172,7 +188,7 @@ pub async fn authenticate(
         device_id: device.device_id,
         assigned: device.assigned,
     };
-    cache.put(hash, auth.clone());
+    cache.put(hash, auth.clone(), epoch);
     Ok(auth)
 }
 
@@ -182,6 +198,8 @@ pub struct Handshake {
     pub firmware: Option<String>,
     /// The token the device already holds, from `Authorization: Bearer`.
     pub presented_token: Option<String>,
+    /// The client's address, for the legacy policy's networks.
+    pub client: Option<std::net::IpAddr>,
 }
 
 #[derive(Clone, PartialEq, Eq)]
@@ -216,37 +234,65 @@ fn clean_firmware(firmware: Option<&str>) -> Result<Option<String>> {
 ///
 /// A known MAC presenting its current token gets the same token back. Without it a fresh token
 /// is issued and the old one stops working, unless `strict` is on and the device is assigned.
+///
+/// A handshake without the device's current token is only taken from the networks `policy`
+/// allows.
 pub async fn handshake(
     db: &Db,
     cache: &TokenCache,
     strict: bool,
+    policy: &LegacyPolicy,
     request: Handshake,
 ) -> Result<HandshakeGranted> {
     let mac = Mac::parse(&request.mac)?;
     let firmware = clean_firmware(request.firmware.as_deref())?;
-    let now = Utc::now();
+    if policy.admit(request.client).is_err() {
+        // Only a device proving its current token may handshake from elsewhere.
+        let known = device::Entity::find()
+            .filter(device::Column::Mac.eq(mac.as_str()))
+            .one(db.conn())
+            .await?;
+        let proven = match (known.and_then(|d| d.token_hash), &request.presented_token) {
+            (Some(stored), Some(token)) => hashes_match(&stored, &hash_token(token.trim())),
+            _ => false,
+        };
+        if !proven {
+            policy.admit(request.client)?;
+        }
+    }
     let txn = db.begin_write().await?;
+    let now = Utc::now();
+    // First contact: an insert that a simultaneous first handshake of the same MAC (in
+    // another process) cannot make fail; the loser continues as a known device.
+    let token = new_token();
+    let created = device::Entity::insert(device::ActiveModel {
+        device_id: Set(mac.as_str().to_owned()),
+        mac: Set(mac.as_str().to_owned()),
+        token_hash: Set(Some(hash_token(&token))),
+        token_issued_at: Set(Some(now)),
+        assigned: Set(false),
+        firmware: Set(firmware.clone().unwrap_or_default()),
+        last_seen: Set(Some(now)),
+        notes: Set(String::new()),
+        created_at: Set(now),
+        ..Default::default()
+    })
+    .on_conflict(
+        OnConflict::column(device::Column::Mac)
+            .do_nothing()
+            .to_owned(),
+    )
+    .exec_without_returning(&*txn)
+    .await?
+        == 1;
     let existing = device::Entity::find()
         .filter(device::Column::Mac.eq(mac.as_str()))
         .one(&*txn)
-        .await?;
+        .await?
+        .ok_or_else(|| Error::not_found(Entity::Device, mac.as_str()))?;
+    let mut evict = None;
     let granted = match existing {
-        None => {
-            let token = new_token();
-            let device = device::ActiveModel {
-                device_id: Set(mac.as_str().to_owned()),
-                mac: Set(mac.as_str().to_owned()),
-                token_hash: Set(Some(hash_token(&token))),
-                token_issued_at: Set(Some(now)),
-                assigned: Set(false),
-                firmware: Set(firmware.unwrap_or_default()),
-                last_seen: Set(Some(now)),
-                notes: Set(String::new()),
-                created_at: Set(now),
-                ..Default::default()
-            }
-            .insert(&*txn)
-            .await?;
+        device if created => {
             ensure_status(&*txn, device.id, now).await?;
             HandshakeGranted {
                 device_id: device.device_id,
@@ -254,7 +300,7 @@ pub async fn handshake(
                 assigned: false,
             }
         }
-        Some(device) => {
+        device => {
             let presented_is_current = match (&request.presented_token, &device.token_hash) {
                 (Some(token), Some(stored)) => hashes_match(stored, &hash_token(token.trim())),
                 _ => false,
@@ -284,7 +330,7 @@ pub async fn handshake(
             };
             update.update(&*txn).await?;
             ensure_status(&*txn, device.id, now).await?;
-            cache.evict_device(device.id);
+            evict = Some(device.id);
             HandshakeGranted {
                 device_id: device.device_id,
                 token,
@@ -293,6 +339,9 @@ pub async fn handshake(
         }
     };
     txn.commit().await?;
+    if let Some(id) = evict {
+        cache.evict_device(id);
+    }
     Ok(granted)
 }
 
@@ -311,6 +360,21 @@ pub async fn reset_credentials(db: &Db, cache: &TokenCache, device_id: &str) -> 
     txn.commit().await?;
     cache.evict_device(device.id);
     Ok(())
+}
+
+/// Whether a device already stored an event with this id.
+pub async fn has_event(conn: &impl ConnectionTrait, device: i32, event_id: &str) -> Result<bool> {
+    use crate::db::entities::telemetry_event;
+    use sea_orm::QuerySelect;
+    Ok(telemetry_event::Entity::find()
+        .select_only()
+        .column(telemetry_event::Column::Id)
+        .filter(telemetry_event::Column::DeviceId.eq(device))
+        .filter(telemetry_event::Column::EventId.eq(event_id))
+        .into_tuple::<i64>()
+        .one(conn)
+        .await?
+        .is_some())
 }
 
 /// Finds a device by its primary key.
@@ -371,13 +435,14 @@ pub async fn find_or_register_by_mac(
     Ok(device)
 }
 
-/// Creates a device record for a MAC, with no token until it handshakes.
+/// The device record of a MAC, created with no token (until it handshakes) when there is none;
+/// a registration racing another one for the same MAC returns the same device.
 pub async fn register(
     conn: &impl ConnectionTrait,
     mac: &Mac,
     now: DateTime<Utc>,
 ) -> Result<device::Model> {
-    let device = device::ActiveModel {
+    device::Entity::insert(device::ActiveModel {
         device_id: Set(mac.as_str().to_owned()),
         mac: Set(mac.as_str().to_owned()),
         token_hash: Set(None),
@@ -388,42 +453,52 @@ pub async fn register(
         notes: Set(String::new()),
         created_at: Set(now),
         ..Default::default()
-    }
-    .insert(conn)
+    })
+    .on_conflict(
+        OnConflict::column(device::Column::Mac)
+            .do_nothing()
+            .to_owned(),
+    )
+    .exec_without_returning(conn)
     .await?;
+    let device = device::Entity::find()
+        .filter(device::Column::Mac.eq(mac.as_str()))
+        .one(conn)
+        .await?
+        .ok_or_else(|| Error::not_found(Entity::Device, mac.as_str()))?;
     ensure_status(conn, device.id, now).await?;
     Ok(device)
 }
 
+/// Gives a device its status row if it has none (an upsert: safe against a concurrent one).
 pub async fn ensure_status(
     conn: &impl ConnectionTrait,
     device_pk: i32,
     now: DateTime<Utc>,
 ) -> Result<()> {
-    if device_status::Entity::find_by_id(device_pk)
-        .one(conn)
-        .await?
-        .is_none()
-    {
-        device_status::ActiveModel {
-            device_id: Set(device_pk),
-            wifi_connected: Set(false),
-            rtc_available: Set(None),
-            sd_card_available: Set(None),
-            current_count_basic: Set(0),
-            current_count_standard: Set(0),
-            current_count_premium: Set(0),
-            uptime_seconds: Set(None),
-            last_seen: Set(None),
-            last_poll: Set(None),
-            device_timestamp: Set(None),
-            mqtt_connected: Set(false),
-            updated_at: Set(now),
-            ..Default::default()
-        }
-        .insert(conn)
-        .await?;
-    }
+    device_status::Entity::insert(device_status::ActiveModel {
+        device_id: Set(device_pk),
+        wifi_connected: Set(false),
+        rtc_available: Set(None),
+        sd_card_available: Set(None),
+        current_count_basic: Set(0),
+        current_count_standard: Set(0),
+        current_count_premium: Set(0),
+        uptime_seconds: Set(None),
+        last_seen: Set(None),
+        last_poll: Set(None),
+        device_timestamp: Set(None),
+        mqtt_connected: Set(false),
+        updated_at: Set(now),
+        ..Default::default()
+    })
+    .on_conflict(
+        OnConflict::column(device_status::Column::DeviceId)
+            .do_nothing()
+            .to_owned(),
+    )
+    .exec_without_returning(conn)
+    .await?;
     Ok(())
 }
 

@@ -5,8 +5,10 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use sea_orm::{
-    sea_query::Expr, ActiveModelTrait, ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait,
-    QueryFilter, Statement, Value,
+    sea_query::{Expr, OnConflict},
+    ActiveModelTrait,
+    ActiveValue::Set,
+    ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QuerySelect, Statement, Value,
 };
 
 use crate::{
@@ -53,20 +55,24 @@ pub async fn assign_by_code(
     let outlet_name = outlet_name
         .map(|o| required("outlet name", o, 200))
         .transpose()?;
-    let now = Utc::now();
     let txn = db.begin_write().await?;
+    // Binding times are taken inside the write transaction, so that no event committed
+    // between them and the commit is attributed to the wrong side.
+    let now = Utc::now();
 
     let (device, created_device) = match devices::find_by_device_id(&*txn, device_id).await {
         Ok(d) => (d, false),
         Err(Error::NotFound { .. }) => match Mac::parse(device_id) {
-            Ok(mac) => match device::Entity::find()
-                .filter(device::Column::Mac.eq(mac.as_str()))
-                .one(&*txn)
-                .await?
-            {
-                Some(d) => (d, false),
-                None => (devices::register(&*txn, &mac, now).await?, true),
-            },
+            Ok(mac) => {
+                let known = device::Entity::find()
+                    .filter(device::Column::Mac.eq(mac.as_str()))
+                    .one(&*txn)
+                    .await?;
+                match known {
+                    Some(d) => (d, false),
+                    None => (devices::register(&*txn, &mac, now).await?, true),
+                }
+            }
             Err(_) => return Err(Error::not_found(Entity::Device, device_id)),
         },
         Err(e) => return Err(e),
@@ -114,20 +120,14 @@ pub async fn assign_by_code(
     })
 }
 
-/// The outlet called `name`, created when missing; says whether it was created.
+/// The outlet called `name`, created when missing; says whether it was created. An insert
+/// that does nothing on a name taken meanwhile, so two creators of one name get one outlet.
 pub async fn outlet_named(
     conn: &impl ConnectionTrait,
     name: &str,
     now: DateTime<Utc>,
 ) -> Result<(outlet::Model, bool)> {
-    if let Some(o) = outlet::Entity::find()
-        .filter(outlet::Column::Name.eq(name))
-        .one(conn)
-        .await?
-    {
-        return Ok((o, false));
-    }
-    let created = outlet::ActiveModel {
+    let inserted = outlet::Entity::insert(outlet::ActiveModel {
         name: Set(name.to_owned()),
         region: Set(String::new()),
         address: Set(String::new()),
@@ -139,28 +139,31 @@ pub async fn outlet_named(
         created_at: Set(now),
         updated_at: Set(now),
         ..Default::default()
-    }
-    .insert(conn)
+    })
+    .on_conflict(
+        OnConflict::column(outlet::Column::Name)
+            .do_nothing()
+            .to_owned(),
+    )
+    .exec_without_returning(conn)
     .await?;
-    Ok((created, true))
+    let outlet = outlet::Entity::find()
+        .filter(outlet::Column::Name.eq(name))
+        .one(conn)
+        .await?
+        .ok_or_else(|| Error::not_found(Entity::Outlet, name))?;
+    Ok((outlet, inserted == 1))
 }
 
 /// The machine with code `code`, created (in `outlet`) when missing; says whether it was
-/// created.
+/// created. Safe against a concurrent creation of the same code.
 pub async fn machine_coded(
     conn: &impl ConnectionTrait,
     code: &str,
     outlet: Option<i32>,
     now: DateTime<Utc>,
 ) -> Result<(machine::Model, bool)> {
-    if let Some(m) = machine::Entity::find()
-        .filter(machine::Column::MachineCode.eq(code))
-        .one(conn)
-        .await?
-    {
-        return Ok((m, false));
-    }
-    let mut created = machine::ActiveModel {
+    let inserted = machine::Entity::insert(machine::ActiveModel {
         machine_code: Set(code.to_owned()),
         name: Set(code.to_owned()),
         outlet_id: Set(None),
@@ -169,14 +172,38 @@ pub async fn machine_coded(
         created_at: Set(now),
         updated_at: Set(now),
         ..Default::default()
+    })
+    .on_conflict(
+        OnConflict::column(machine::Column::MachineCode)
+            .do_nothing()
+            .to_owned(),
+    )
+    .exec_without_returning(conn)
+    .await?
+        == 1;
+    let mut machine = machine::Entity::find()
+        .filter(machine::Column::MachineCode.eq(code))
+        .one(conn)
+        .await?
+        .ok_or_else(|| Error::not_found(Entity::Machine, code))?;
+    if inserted && outlet.is_some() {
+        set_machine_outlet(conn, machine.id, outlet, now).await?;
+        machine.outlet_id = outlet;
     }
-    .insert(conn)
-    .await?;
-    if outlet.is_some() {
-        set_machine_outlet(conn, created.id, outlet, now).await?;
-        created.outlet_id = outlet;
+    Ok((machine, inserted))
+}
+
+/// Locks a machine's row until the transaction ends (PostgreSQL; SQLite's single writer
+/// already serialises), so concurrent assignments of one machine run one after the other.
+async fn lock_machine(conn: &impl ConnectionTrait, id: i32) -> Result<machine::Model> {
+    let mut query = machine::Entity::find_by_id(id);
+    if conn.get_database_backend() == sea_orm::DbBackend::Postgres {
+        query = query.lock_exclusive();
     }
-    Ok((created, true))
+    query
+        .one(conn)
+        .await?
+        .ok_or_else(|| Error::not_found(Entity::Machine, id.to_string()))
 }
 
 /// Makes `device` the machine's current device: any other binding of either side is closed
@@ -187,6 +214,8 @@ pub async fn bind(
     device: &device::Model,
     now: DateTime<Utc>,
 ) -> Result<()> {
+    // Re-read under the lock: another assignment may have committed since `machine` was read.
+    let machine = &lock_machine(conn, machine.id).await?;
     if machine.current_device_id == Some(device.id) {
         return Ok(());
     }
@@ -254,6 +283,7 @@ pub async fn unassign_device(
 ) -> Result<device::Model> {
     let txn = db.begin_write().await?;
     let device = devices::find_by_device_id(&*txn, device_id).await?;
+    // Taken inside the transaction: no event committed before it lands on the wrong side.
     release_device(&*txn, device.id, Utc::now()).await?;
     txn.commit().await?;
     cache.evict_device(device.id);
@@ -262,15 +292,17 @@ pub async fn unassign_device(
 
 /// Removes the device from a machine.
 pub async fn unassign_machine(db: &Db, cache: &TokenCache, machine_id: i32) -> Result<()> {
-    let now = Utc::now();
     let txn = db.begin_write().await?;
+    let now = Utc::now();
     let machine = machine::Entity::find_by_id(machine_id)
         .one(&*txn)
         .await?
         .ok_or_else(|| Error::not_found(Entity::Machine, machine_id.to_string()))?;
     if let Some(device) = machine.current_device_id {
         release_device(&*txn, device, now).await?;
+        txn.commit().await?;
         cache.evict_device(device);
+        return Ok(());
     }
     txn.commit().await?;
     Ok(())

@@ -7,6 +7,7 @@ pub mod events;
 pub mod fleet;
 pub mod notify;
 pub mod status;
+pub mod trust;
 pub mod users;
 
 /// Timestamps on the wire: ISO 8601, UTC, `Z`.

@@ -11,7 +11,7 @@ fn status_of(err: &Error) -> StatusCode {
         | Error::InvalidToken
         | Error::DeviceMismatch(_)
         | Error::DeviceUnassigned(_) => StatusCode::UNAUTHORIZED,
-        Error::HandshakeRefused(_) => StatusCode::FORBIDDEN,
+        Error::HandshakeRefused(_) | Error::Forbidden { .. } => StatusCode::FORBIDDEN,
         Error::NotFound { .. } => StatusCode::NOT_FOUND,
         Error::Malformed { .. } => StatusCode::BAD_REQUEST,
         Error::Invalid { .. } => StatusCode::UNPROCESSABLE_ENTITY,

@@ -8,7 +8,7 @@ use poem::{
     get, handler,
     http::{header, HeaderMap},
     post,
-    web::{Data, Json, Path},
+    web::{Data, Json, Path, RemoteAddr},
     Body, Route,
 };
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
@@ -46,6 +46,10 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
     let (scheme, token) = value.split_once(' ')?;
     (scheme.eq_ignore_ascii_case("bearer") || scheme.eq_ignore_ascii_case("token"))
         .then_some(token.trim())
+}
+
+fn client_ip(remote: &RemoteAddr) -> Option<std::net::IpAddr> {
+    remote.as_socket_addr().map(|a| a.ip())
 }
 
 fn is_form(headers: &HeaderMap) -> bool {
@@ -97,7 +101,8 @@ fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<(T, Value)> {
     if contains_nul(&raw) {
         return Err(nul_error().into());
     }
-    let parsed = T::deserialize(&raw)
+    // Read from the text, not the parsed document: some fields keep the exact text sent.
+    let parsed = serde_json::from_slice::<T>(bytes)
         .map_err(|e| Error::invalid("invalid_body", format!("the body does not fit: {e}")))?;
     Ok((parsed, raw))
 }
@@ -149,6 +154,7 @@ struct HandshakeResponse {
 async fn handshake(
     state: Data<&Arc<AppState>>,
     headers: &HeaderMap,
+    remote: &RemoteAddr,
     body: Body,
 ) -> Result<Json<HandshakeResponse>> {
     let bytes = read_body(body, state.settings.body_limit_bytes).await?;
@@ -166,10 +172,12 @@ async fn handshake(
         &state.db,
         &state.tokens,
         state.settings.strict_handshake,
+        &state.legacy,
         Handshake {
             mac,
             firmware: body.firmware,
             presented_token: bearer(headers).map(str::to_owned),
+            client: client_ip(remote),
         },
     )
     .await?;
@@ -274,6 +282,7 @@ async fn command_result(
 async fn legacy_iot(
     state: Data<&Arc<AppState>>,
     headers: &HeaderMap,
+    remote: &RemoteAddr,
     body: Body,
 ) -> Result<Json<Value>> {
     let received_at = Utc::now();
@@ -284,6 +293,14 @@ async fn legacy_iot(
     } else {
         parse_json(&bytes)?.0
     };
-    events::ingest_legacy(&state.db, &state.ingestor, reading, received_at).await?;
+    events::ingest_legacy(
+        &state.db,
+        &state.ingestor,
+        &state.legacy,
+        client_ip(remote),
+        reading,
+        received_at,
+    )
+    .await?;
     Ok(Json(json!({ "status": "ok" })))
 }

@@ -139,6 +139,7 @@ async fn poll_returns_pending_commands_by_priority_then_age_and_marks_them_sent(
         json!({"commands": []}),
         "sent commands are not re-sent"
     );
+    app.state.ingestor.flush_contacts().await;
     let device = ozone::domain::devices::find_by_device_id(app.db(), &d.device_id)
         .await
         .unwrap();

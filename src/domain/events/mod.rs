@@ -15,6 +15,7 @@ use crate::{
     domain::{
         devices::{self, AuthenticatedDevice, Mac},
         status::StatusReport,
+        trust::LegacyPolicy,
     },
     error::{Error, Result},
 };
@@ -141,7 +142,8 @@ pub struct NewEvent {
 pub struct DeviceEvent {
     pub device_id: Option<String>,
     pub firmware: Option<String>,
-    pub event_id: Option<Json>,
+    /// Kept as sent: a numeric id is the exact decimal text, even beyond 64 bits.
+    pub event_id: Option<Box<serde_json::value::RawValue>>,
     pub event: Option<String>,
     pub treatment: Option<String>,
     pub counter: Option<i64>,
@@ -158,18 +160,23 @@ pub struct DeviceEvent {
 
 const EVENT_ID_MAX: usize = 128;
 
-fn event_id_of(value: Option<&Json>) -> Result<String> {
-    let id = match value {
-        Some(Json::String(s)) => s.trim().to_owned(),
-        // Some firmware sends a sequence number rather than a string.
-        Some(Json::Number(n)) => n.to_string(),
-        Some(_) => {
+fn event_id_of(value: Option<&serde_json::value::RawValue>) -> Result<String> {
+    let text = value.map_or("null", |raw| raw.get().trim());
+    let id = match text.as_bytes().first() {
+        Some(b'"') => serde_json::from_str::<String>(text)
+            .map_err(|_| Error::invalid("invalid_event_id", "event_id must be a string"))?
+            .trim()
+            .to_owned(),
+        // Some firmware sends a sequence number rather than a string: its digits are the id,
+        // exactly as sent (two ids beyond 64-bit precision must not become one).
+        Some(b'-' | b'0'..=b'9') => text.to_owned(),
+        _ if text == "null" => String::new(),
+        _ => {
             return Err(Error::invalid(
                 "invalid_event_id",
                 "event_id must be a string",
             ))
         }
-        None => String::new(),
     };
     if id.is_empty() {
         return Err(Error::invalid("missing_event_id", "event_id is required"));
@@ -181,6 +188,49 @@ fn event_id_of(value: Option<&Json>) -> Result<String> {
         ));
     }
     Ok(id)
+}
+
+/// Refuses JSON whose numbers the store cannot hold as they are: a number beyond the range of
+/// a double (`1e400`) or so small it would round to zero (`1e-20000`; PostgreSQL's `jsonb`
+/// refuses both). Checked before an event is queued, so it never fails its batch.
+pub fn check_numbers(json: &str) -> Result<()> {
+    let bytes = json.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'"' => {
+                // Skip the string, escapes included.
+                i += 1;
+                while i < bytes.len() && bytes[i] != b'"' {
+                    i += if bytes[i] == b'\\' { 2 } else { 1 };
+                }
+                i += 1;
+            }
+            b'-' | b'0'..=b'9' => {
+                let start = i;
+                while i < bytes.len()
+                    && matches!(bytes[i], b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9')
+                {
+                    i += 1;
+                }
+                let token = &json[start..i];
+                let value: f64 = token.parse().unwrap_or(f64::INFINITY);
+                let mantissa = token.split(['e', 'E']).next().unwrap_or("");
+                let underflow = value == 0.0 && mantissa.bytes().any(|b| matches!(b, b'1'..=b'9'));
+                if !value.is_finite() || underflow {
+                    return Err(Error::invalid(
+                        "number_out_of_range",
+                        format!(
+                            "the number {} cannot be stored; numbers must fit a 64-bit float",
+                            truncate(token, 40)
+                        ),
+                    ));
+                }
+            }
+            _ => i += 1,
+        }
+    }
+    Ok(())
 }
 
 /// Device clocks without an RTC report 1970 or garbage: such times are kept as
@@ -242,7 +292,8 @@ impl NewEvent {
         if let Some(device_id) = body.device_id.as_deref() {
             device.ensure_is(device_id)?;
         }
-        let event_id = event_id_of(body.event_id.as_ref())?;
+        check_numbers(&payload)?;
+        let event_id = event_id_of(body.event_id.as_deref())?;
         let kind = match body.event.as_deref() {
             None => EventKind::Treatment,
             Some(e) => EventKind::parse(e).ok_or_else(|| {
@@ -350,14 +401,37 @@ fn form_bool(value: Option<&str>) -> Option<bool> {
     }
 }
 
-/// Stores a legacy form reading. It carries no event id, so one is derived from its content:
-/// a resend of the same reading is a duplicate.
+/// Clockless legacy readings are told apart by the window of this many seconds they arrive in.
+pub const LEGACY_RESEND_WINDOW_SECS: i64 = 60;
+
+/// The id of a legacy reading: a hash of the MAC and the form's content, plus the arrival
+/// window for readings without a usable clock.
+fn legacy_event_id(mac: &Mac, content: &[Option<&str>], window: Option<i64>) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(mac.as_str().as_bytes());
+    for part in content {
+        hasher.update([0x1f]);
+        hasher.update(part.unwrap_or("").trim().as_bytes());
+    }
+    if let Some(window) = window {
+        hasher.update([0x1e]);
+        hasher.update(window.to_be_bytes());
+    }
+    format!("iot-{}", &hex::encode(hasher.finalize())[..32])
+}
+
+/// Stores a legacy form reading. It carries no event id, so one is derived from its content
+/// (and, for a device without a usable clock, from when it arrived): a resend of the same
+/// reading is a duplicate, a new identical reading is not.
 pub async fn ingest_legacy(
     db: &Db,
     ingestor: &Ingestor,
+    policy: &LegacyPolicy,
+    client: Option<std::net::IpAddr>,
     reading: LegacyReading,
     received_at: DateTime<Utc>,
 ) -> Result<Ingested> {
+    policy.admit_reading(client, None)?;
     let mac_input = reading
         .macaddr
         .as_deref()
@@ -393,25 +467,33 @@ pub async fn ingest_legacy(
         .filter(|t| plausible_time(*t, received_at))
         .unwrap_or(received_at);
     let payload = serde_json::to_string(&reading).ok();
-    let event_id = {
-        let mut hasher = Sha256::new();
-        hasher.update(mac.as_str().as_bytes());
-        for part in [
-            Some(mode),
-            reading.type1.as_deref(),
-            reading.type2.as_deref(),
-            reading.type3.as_deref(),
-            reading.count1.as_deref(),
-            reading.count2.as_deref(),
-            reading.count3.as_deref(),
-            reading.timestamp.as_deref(),
-        ] {
-            hasher.update([0x1f]);
-            hasher.update(part.unwrap_or("").trim().as_bytes());
-        }
-        format!("iot-{}", &hex::encode(hasher.finalize())[..32])
-    };
     let device = devices::find_or_register_by_mac(db, &mac, received_at).await?;
+    policy.admit_reading(client, Some(device.assigned))?;
+    let content = [
+        Some(mode),
+        reading.type1.as_deref(),
+        reading.type2.as_deref(),
+        reading.type3.as_deref(),
+        reading.count1.as_deref(),
+        reading.count2.as_deref(),
+        reading.count3.as_deref(),
+        reading.timestamp.as_deref(),
+    ];
+    let event_id = if parsed.is_some_and(|t| plausible_time(t, received_at)) {
+        legacy_event_id(&mac, &content, None)
+    } else {
+        // No usable clock: identical readings are told apart by when they arrived. A reading
+        // identical to one received in the same or the previous window is a resend.
+        let window = received_at
+            .timestamp()
+            .div_euclid(LEGACY_RESEND_WINDOW_SECS);
+        let previous = legacy_event_id(&mac, &content, Some(window - 1));
+        if devices::has_event(db.conn(), device.id, &previous).await? {
+            previous
+        } else {
+            legacy_event_id(&mac, &content, Some(window))
+        }
+    };
     let event = NewEvent {
         device: device.id,
         event_id,
@@ -439,6 +521,37 @@ pub async fn ingest_legacy(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn numbers_the_store_cannot_hold_are_refused() {
+        for bad in [
+            r#"{"a": 1e400}"#,
+            r#"{"a": [1, {"b": -1e-20000}]}"#,
+            r#"{"a": 0.1e-400}"#,
+        ] {
+            assert!(check_numbers(bad).is_err(), "{bad}");
+        }
+        for good in [
+            r#"{"a": 0, "b": 0.0e-9999, "c": -12.5e3, "d": "1e400"}"#,
+            r#"{"esc": "a\"1e400", "n": 1e300}"#,
+            r#"{"big": 123456789012345678901}"#,
+        ] {
+            assert!(check_numbers(good).is_ok(), "{good}");
+        }
+    }
+
+    #[test]
+    fn numeric_event_ids_keep_their_exact_digits() {
+        let raw = |s: &str| serde_json::value::RawValue::from_string(s.to_owned()).unwrap();
+        assert_eq!(
+            event_id_of(Some(&raw("123456789012345678901"))).unwrap(),
+            "123456789012345678901"
+        );
+        assert_eq!(event_id_of(Some(&raw(r#"" abc ""#))).unwrap(), "abc");
+        assert!(event_id_of(Some(&raw("null"))).is_err());
+        assert!(event_id_of(Some(&raw("true"))).is_err());
+        assert!(event_id_of(None).is_err());
+    }
 
     #[test]
     fn implausible_device_times_fall_back_to_arrival() {

@@ -51,6 +51,7 @@ type Contacts = Arc<Mutex<HashMap<i32, status::DeviceUpdate>>>;
 /// Hands events to the group-commit writer.
 #[derive(Clone)]
 pub struct Ingestor {
+    db: Db,
     tx: mpsc::Sender<Job>,
     stop: Arc<Notify>,
     contacts: Contacts,
@@ -67,7 +68,7 @@ impl Ingestor {
         let contacts: Contacts = Arc::default();
         let contact_ready = Arc::new(Notify::new());
         let writer = run_writer(
-            db,
+            db.clone(),
             rx,
             batch_max.max(1),
             stop.clone(),
@@ -89,6 +90,7 @@ impl Ingestor {
             );
         (
             Ingestor {
+                db,
                 tx,
                 stop,
                 contacts,
@@ -122,6 +124,12 @@ impl Ingestor {
             .await
             .map_err(|_| Error::Unavailable)?;
         outcome.await.map_err(|_| Error::Unavailable)?
+    }
+
+    /// Commits the contacts recorded so far now, without waiting for the writer.
+    pub async fn flush_contacts(&self) {
+        let mut memo = status::DeviceMemo::default();
+        commit_contacts(&self.db, &self.contacts, &mut memo).await;
     }
 
     /// Stops accepting events; everything already queued is still committed.
