@@ -49,6 +49,32 @@ async fn fresh_database(dir: &std::path::Path) -> String {
 pub async fn spawn_app_with(configure: impl FnOnce(&mut Settings)) -> TestApp {
     let dir = tempfile::tempdir().expect("temp dir");
     let database_url = fresh_database(dir.path()).await;
+    spawn_app_on(database_url, dir, configure).await
+}
+
+/// Whether the suite runs on PostgreSQL (`OZONE_TEST_DATABASE_URL`).
+pub fn on_postgres() -> bool {
+    std::env::var("OZONE_TEST_DATABASE_URL").is_ok_and(|u| u.starts_with("postgres"))
+}
+
+impl TestApp {
+    /// A second application instance on this app's database, as another replica would be.
+    pub async fn replica(&self) -> TestApp {
+        self.replica_with(|_| {}).await
+    }
+
+    /// A second instance on this app's database with other settings.
+    pub async fn replica_with(&self, configure: impl FnOnce(&mut Settings)) -> TestApp {
+        let dir = tempfile::tempdir().expect("temp dir");
+        spawn_app_on(self.database_url.clone(), dir, configure).await
+    }
+}
+
+async fn spawn_app_on(
+    database_url: String,
+    dir: tempfile::TempDir,
+    configure: impl FnOnce(&mut Settings),
+) -> TestApp {
     let mut settings = Settings {
         http_addr: "127.0.0.1:0".into(),
         database_url: database_url.clone(),

@@ -9,4 +9,5 @@ mod compat;
 mod events;
 mod handshake;
 mod legacy;
+mod ordering;
 mod server;
