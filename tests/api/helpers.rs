@@ -58,12 +58,8 @@ pub fn on_postgres() -> bool {
 }
 
 impl TestApp {
-    /// A second application instance on this app's database, as another replica would be.
-    pub async fn replica(&self) -> TestApp {
-        self.replica_with(|_| {}).await
-    }
-
-    /// A second instance on this app's database with other settings.
+    /// A second application instance on this app's database, as another replica would be,
+    /// with its own settings.
     pub async fn replica_with(&self, configure: impl FnOnce(&mut Settings)) -> TestApp {
         let dir = tempfile::tempdir().expect("temp dir");
         spawn_app_on(self.database_url.clone(), dir, configure).await

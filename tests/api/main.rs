@@ -6,6 +6,7 @@ mod helpers;
 mod cli;
 mod commands;
 mod compat;
+mod concurrency;
 mod events;
 mod handshake;
 mod legacy;

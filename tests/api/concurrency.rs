@@ -1,0 +1,330 @@
+//! Concurrent work on one database: in one process, and (on PostgreSQL) across two replicas.
+//! Every command transition is guarded by the state it leaves; bindings and first contacts
+//! are enforced by the database.
+
+use std::collections::HashMap;
+
+use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter};
+use serde_json::json;
+
+use ozone::{
+    db::entities::{command, device, machine_device, telemetry_event},
+    domain::{
+        commands::{self, NewCommand},
+        fleet,
+    },
+};
+
+use crate::helpers::{on_postgres, spawn_app, spawn_app_with, Device, TestApp};
+
+async fn queue(app: &TestApp, device: &Device, n: i32) {
+    for i in 0..n {
+        commands::create(
+            &app.state.db,
+            &app.state.notifier,
+            &device.device_id,
+            NewCommand {
+                command_type: "PING".into(),
+                priority: i % 3,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    }
+}
+
+/// Polls `device` from `clients` concurrent clients on each of `apps` until nothing is left;
+/// returns how many times each command id was handed out.
+async fn drain(apps: &[&TestApp], device: &Device, clients: usize) -> HashMap<String, usize> {
+    let mut tasks = Vec::new();
+    for app in apps {
+        for _ in 0..clients {
+            let http = app.http.clone();
+            let url = app.url(&format!("/api/device/{}/commands/", device.device_id));
+            let token = device.token.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut got = Vec::new();
+                loop {
+                    let reply: serde_json::Value = http
+                        .get(&url)
+                        .bearer_auth(&token)
+                        .send()
+                        .await
+                        .unwrap()
+                        .json()
+                        .await
+                        .unwrap();
+                    let list = reply["commands"].as_array().cloned().unwrap_or_default();
+                    if list.is_empty() {
+                        break got;
+                    }
+                    got.extend(
+                        list.iter()
+                            .map(|c| c["command_id"].as_str().unwrap().to_owned()),
+                    );
+                }
+            }));
+        }
+    }
+    let mut counts = HashMap::new();
+    for task in tasks {
+        for id in task.await.unwrap() {
+            *counts.entry(id).or_insert(0) += 1;
+        }
+    }
+    counts
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_polls_of_one_device_hand_out_each_command_once() {
+    let app = spawn_app_with(|s| s.poll_max_commands = 3).await;
+    for n in 0..4 {
+        let d = app
+            .assigned_device(&format!("EC:E3:34:46:2B:{n:02X}"), &format!("M-{n}"))
+            .await;
+        queue(&app, &d, 25).await;
+        let counts = drain(&[&app], &d, 4).await;
+        assert_eq!(counts.len(), 25, "every command was handed out");
+        assert!(
+            counts.values().all(|c| *c == 1),
+            "handed out more than once: {counts:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_poll_racing_a_cancel_never_brings_a_cancelled_command_back() {
+    let app = spawn_app().await;
+    let d = app.assigned_device("EC:E3:34:46:2B:C0", "M-1").await;
+    for _ in 0..10 {
+        queue(&app, &d, 5).await;
+        let pending = command::Entity::find()
+            .filter(command::Column::Status.eq("pending"))
+            .all(app.db())
+            .await
+            .unwrap();
+        let state = app.state.clone();
+        let cancels = tokio::spawn(async move {
+            let mut ok = Vec::new();
+            for c in pending {
+                if commands::cancel(&state.db, &state.notifier, &c.command_id)
+                    .await
+                    .is_ok()
+                {
+                    ok.push(c.command_id);
+                }
+            }
+            ok
+        });
+        let polled = app.poll(&d).await;
+        let cancelled = cancels.await.unwrap();
+        for id in &cancelled {
+            let row = command::Entity::find()
+                .filter(command::Column::CommandId.eq(id.as_str()))
+                .one(app.db())
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(row.status, "cancelled", "a successful cancel is final");
+        }
+        assert_eq!(polled.status, 200);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_result_racing_a_cancel_ends_in_one_state() {
+    let app = spawn_app().await;
+    let d = app.assigned_device("EC:E3:34:46:2B:C0", "M-1").await;
+    for _ in 0..10 {
+        queue(&app, &d, 1).await;
+        let polled = app.poll(&d).await;
+        let cid = polled.body["commands"][0]["command_id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let state = app.state.clone();
+        let to_cancel = cid.clone();
+        let cancel = tokio::spawn(async move {
+            commands::cancel(&state.db, &state.notifier, &to_cancel)
+                .await
+                .is_ok()
+        });
+        let result = app.report(&d, &cid, json!({"success": true})).await;
+        let cancelled = cancel.await.unwrap();
+        let row = command::Entity::find()
+            .filter(command::Column::CommandId.eq(cid.as_str()))
+            .one(app.db())
+            .await
+            .unwrap()
+            .unwrap();
+        if cancelled {
+            assert_eq!(row.status, "cancelled");
+            assert_eq!(
+                result.body["status"], "cancelled",
+                "the result changed nothing"
+            );
+        } else {
+            assert_eq!(row.status, "executed");
+            assert_eq!(result.body["status"], "executed");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_assignments_of_one_machine_leave_one_open_binding() {
+    let app = spawn_app().await;
+    let a = app.handshake("EC:E3:34:46:2B:C0").await;
+    let b = app.handshake("EC:E3:34:46:2B:C1").await;
+    for round in 0..12 {
+        let code = format!("M-{round}");
+        let assign = |d: &Device| {
+            let state = app.state.clone();
+            let (id, code) = (d.device_id.clone(), code.clone());
+            tokio::spawn(async move {
+                fleet::assign_by_code(&state.db, &state.tokens, &id, &code, Some("North")).await
+            })
+        };
+        let (ra, rb) = (assign(&a), assign(&b));
+        for outcome in [ra.await.unwrap(), rb.await.unwrap()] {
+            if let Err(err) = outcome {
+                assert_eq!(err.code(), "conflict", "{err}");
+            }
+        }
+        let machine = ozone::db::entities::machine::Entity::find()
+            .filter(ozone::db::entities::machine::Column::MachineCode.eq(code.as_str()))
+            .one(app.db())
+            .await
+            .unwrap()
+            .unwrap();
+        let open = machine_device::Entity::find()
+            .filter(machine_device::Column::MachineId.eq(machine.id))
+            .filter(machine_device::Column::UnassignedAt.is_null())
+            .all(app.db())
+            .await
+            .unwrap();
+        assert_eq!(open.len(), 1, "round {round}: {open:?}");
+        assert_eq!(machine.current_device_id, Some(open[0].device_id));
+        let per_device = machine_device::Entity::find()
+            .filter(machine_device::Column::UnassignedAt.is_null())
+            .count(app.db())
+            .await
+            .unwrap();
+        assert!(per_device <= 2);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn simultaneous_first_handshakes_of_one_mac_both_succeed_with_one_device() {
+    let app = spawn_app().await;
+    for n in 0..20 {
+        let mac = format!("EC:E3:34:46:{n:02X}:C0");
+        let body = json!({"mac": mac, "firmware": "1.0.0"});
+        let (x, y) = tokio::join!(
+            app.post_json("/api/handshake/", None, &body),
+            app.post_json("/api/handshake/", None, &body),
+        );
+        assert_eq!((x.status, y.status), (200, 200), "{} {}", x.body, y.body);
+        let devices = device::Entity::find()
+            .filter(device::Column::Mac.eq(mac.as_str()))
+            .count(app.db())
+            .await
+            .unwrap();
+        assert_eq!(devices, 1);
+    }
+}
+
+/// Two application instances on one PostgreSQL database. SQLite means one process.
+async fn replicas() -> Option<(TestApp, TestApp)> {
+    if !on_postgres() {
+        eprintln!("SKIPPED: two replicas need PostgreSQL (set OZONE_TEST_DATABASE_URL)");
+        return None;
+    }
+    let first = spawn_app_with(|s| s.poll_max_commands = 2).await;
+    let second = first.replica_with(|s| s.poll_max_commands = 2).await;
+    Some((first, second))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_replicas_never_hand_out_a_command_twice() {
+    let Some((one, two)) = replicas().await else {
+        return;
+    };
+    let d = one.assigned_device("EC:E3:34:46:2B:C0", "M-1").await;
+    queue(&one, &d, 40).await;
+    let counts = drain(&[&one, &two], &d, 3).await;
+    assert_eq!(counts.len(), 40);
+    assert!(counts.values().all(|c| *c == 1), "{counts:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_same_event_at_two_replicas_is_stored_once_and_acknowledged_by_both() {
+    let Some((one, two)) = replicas().await else {
+        return;
+    };
+    let d = one.handshake("EC:E3:34:46:2B:C0").await;
+    for n in 0..20 {
+        let id = format!("twice-{n}");
+        let (x, y) = tokio::join!(
+            one.post_event(&d, &id, json!({})),
+            two.post_event(&d, &id, json!({}))
+        );
+        assert_eq!(x.body, json!({"ack": true, "event_id": id}));
+        assert_eq!(y.body, x.body);
+    }
+    let stored = telemetry_event::Entity::find()
+        .count(one.db())
+        .await
+        .unwrap();
+    assert_eq!(stored, 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sweepers_in_two_replicas_time_each_command_out_once() {
+    let Some((one, two)) = replicas().await else {
+        return;
+    };
+    let d = one.assigned_device("EC:E3:34:46:2B:C0", "M-1").await;
+    for _ in 0..30 {
+        commands::create(
+            &one.state.db,
+            &one.state.notifier,
+            &d.device_id,
+            NewCommand {
+                command_type: "PING".into(),
+                expires_in: Some(std::time::Duration::ZERO),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    }
+    let later = chrono::Utc::now() + chrono::Duration::seconds(1);
+    let (x, y) = tokio::join!(
+        commands::sweep_expired(&one.state.db, &one.state.notifier, later),
+        commands::sweep_expired(&two.state.db, &two.state.notifier, later),
+    );
+    let timed_out = command::Entity::find()
+        .filter(command::Column::Status.eq("timeout"))
+        .count(one.db())
+        .await
+        .unwrap();
+    assert_eq!(timed_out, 30);
+    assert!(
+        x.unwrap() + y.unwrap() <= 30,
+        "no command is transitioned twice"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_result_at_one_replica_for_a_command_handed_out_by_the_other() {
+    let Some((one, two)) = replicas().await else {
+        return;
+    };
+    let d = one.assigned_device("EC:E3:34:46:2B:C0", "M-1").await;
+    queue(&one, &d, 1).await;
+    let polled = one.poll(&d).await;
+    let cid = polled.body["commands"][0]["command_id"].as_str().unwrap();
+    let r = two.report(&d, cid, json!({"success": true})).await;
+    assert_eq!(r.body["status"], "executed");
+}
