@@ -16,7 +16,7 @@ use crate::{
     config::Settings,
     db::Db,
     domain::{commands, devices::TokenCache, events::Ingestor, notify::Notifier},
-    http,
+    http::{self, limits::Limits},
 };
 
 pub struct Application {
@@ -26,6 +26,7 @@ pub struct Application {
     ingest_task: JoinHandle<()>,
     sweeper: JoinHandle<()>,
     checkpointer: JoinHandle<()>,
+    housekeeper: JoinHandle<()>,
     stop_background: watch::Sender<bool>,
 }
 
@@ -47,6 +48,7 @@ pub async fn open_database(settings: &Settings) -> anyhow::Result<Db> {
 
 impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Application> {
+        let limits = Limits::from_settings(&settings)?;
         let db = open_database(&settings).await?;
         let acceptor = TcpListener::bind(settings.http_addr.clone())
             .into_acceptor()
@@ -66,22 +68,26 @@ impl Application {
             settings.command_sweep_interval(),
             stopped.clone(),
         );
-        let checkpointer = spawn_checkpointer(db.clone(), stopped);
+        let checkpointer = spawn_checkpointer(db.clone(), stopped.clone());
         let tokens = TokenCache::new(Duration::from_millis(settings.token_cache_ttl_ms));
+        let state = Arc::new(AppState {
+            legacy: settings.legacy_policy(),
+            settings,
+            db,
+            ingestor,
+            tokens,
+            notifier,
+            limits,
+        });
+        let housekeeper = spawn_housekeeper(state.clone(), stopped);
         Ok(Application {
-            state: Arc::new(AppState {
-                legacy: settings.legacy_policy(),
-                settings,
-                db,
-                ingestor,
-                tokens,
-                notifier,
-            }),
+            state,
             acceptor,
             http_addr,
             ingest_task,
             sweeper,
             checkpointer,
+            housekeeper,
             stop_background,
         })
     }
@@ -114,6 +120,7 @@ impl Application {
         let _ = self.stop_background.send(true);
         let _ = self.sweeper.await;
         let _ = self.checkpointer.await;
+        let _ = self.housekeeper.await;
         // Closing the pools checkpoints SQLite's WAL back into the database file.
         if let Err(err) = self.state.db.clone().close().await {
             tracing::warn!(error = %err, "closing the database failed");
@@ -134,6 +141,20 @@ fn spawn_checkpointer(db: Db, mut stop: watch::Receiver<bool>) -> JoinHandle<()>
                         tracing::warn!(error = %err, "WAL checkpoint failed");
                     }
                 }
+                _ = stop.changed() => break,
+            }
+        }
+    })
+}
+
+/// Forgets rate-limit keys whose budget is full again, once a minute.
+fn spawn_housekeeper(state: Arc<AppState>, mut stop: watch::Receiver<bool>) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(Duration::from_secs(60));
+        ticker.tick().await;
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => state.limits.housekeep(),
                 _ = stop.changed() => break,
             }
         }

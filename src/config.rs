@@ -48,6 +48,40 @@ pub struct Settings {
     pub legacy_networks: Vec<ipnet::IpNet>,
     /// Log filter, in `RUST_LOG` syntax.
     pub log: String,
+    /// Reverse proxies (addresses or CIDR ranges, a list or a comma-separated string) whose
+    /// `Forwarded` / `X-Forwarded-For` headers name the real client address for the limits.
+    #[serde(deserialize_with = "list_or_commas")]
+    pub trusted_proxies: Vec<String>,
+    /// The window the `limit_*` amounts are counted over (seconds); budgets refill evenly.
+    pub limit_window_secs: u64,
+    /// Handshakes per client address per window (0 = unlimited).
+    pub limit_handshakes_per_addr: u32,
+    /// Handshakes per MAC per window (0 = unlimited).
+    pub limit_handshakes_per_mac: u32,
+    /// Requests with a missing or invalid device token per client address per window; beyond
+    /// it the address gets 429 on token-bearing requests until its budget refills.
+    pub limit_bad_tokens_per_addr: u32,
+    /// Legacy `/api/iot/` readings per client address per window (0 = unlimited).
+    pub limit_iot_per_addr: u32,
+}
+
+/// Accepts `["a", "b"]` (TOML) as well as `"a, b"` (environment).
+fn list_or_commas<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum ListOrString {
+        List(Vec<String>),
+        String(String),
+    }
+    Ok(match ListOrString::deserialize(d)? {
+        ListOrString::List(list) => list,
+        ListOrString::String(s) => s
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect(),
+    })
 }
 
 impl Default for Settings {
@@ -70,6 +104,12 @@ impl Default for Settings {
             legacy_iot: Default::default(),
             legacy_networks: Vec::new(),
             log: "info".into(),
+            trusted_proxies: Vec::new(),
+            limit_window_secs: 60,
+            limit_handshakes_per_addr: 1200,
+            limit_handshakes_per_mac: 30,
+            limit_bad_tokens_per_addr: 600,
+            limit_iot_per_addr: 6000,
         }
     }
 }
@@ -127,6 +167,11 @@ impl Settings {
             self.online_threshold_secs <= self.idle_threshold_secs,
             "online_threshold_secs must not exceed idle_threshold_secs"
         );
+        anyhow::ensure!(
+            self.limit_window_secs >= 1,
+            "limit_window_secs must be >= 1"
+        );
+        crate::http::limits::TrustedProxies::parse(&self.trusted_proxies)?;
         Ok(())
     }
 
@@ -173,6 +218,12 @@ impl fmt::Debug for Settings {
             .field("legacy_iot", &self.legacy_iot)
             .field("legacy_networks", &self.legacy_networks)
             .field("log", &self.log)
+            .field("trusted_proxies", &self.trusted_proxies)
+            .field("limit_window_secs", &self.limit_window_secs)
+            .field("limit_handshakes_per_addr", &self.limit_handshakes_per_addr)
+            .field("limit_handshakes_per_mac", &self.limit_handshakes_per_mac)
+            .field("limit_bad_tokens_per_addr", &self.limit_bad_tokens_per_addr)
+            .field("limit_iot_per_addr", &self.limit_iot_per_addr)
             .finish()
     }
 }

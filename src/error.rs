@@ -54,6 +54,13 @@ pub enum Error {
     Forbidden { code: &'static str, detail: String },
     #[error("the service is shutting down")]
     Unavailable,
+    /// An abuse limit refused the request; `limit` names it in logs and metrics.
+    #[error("too many {what}; retry in {retry_after_secs} s")]
+    RateLimited {
+        limit: &'static str,
+        what: &'static str,
+        retry_after_secs: u64,
+    },
     #[error("database error: {0}")]
     Database(DbErr),
     #[error("internal error: {0}")]
@@ -111,6 +118,7 @@ impl Error {
             | Error::Conflict { code, .. }
             | Error::Forbidden { code, .. } => code,
             Error::Unavailable => "unavailable",
+            Error::RateLimited { .. } => "rate_limited",
             Error::Database(_) | Error::Internal(_) => "internal_error",
         }
     }

@@ -17,6 +17,7 @@ fn status_of(err: &Error) -> StatusCode {
         Error::Invalid { .. } => StatusCode::UNPROCESSABLE_ENTITY,
         Error::Conflict { .. } => StatusCode::CONFLICT,
         Error::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        Error::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
         Error::Database(_) | Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
@@ -49,7 +50,15 @@ impl IntoResponse for Error {
                 "an internal error occurred; it has been logged",
             );
         }
-        error_response(status, self.code(), &self.to_string())
+        let mut resp = error_response(status, self.code(), &self.to_string());
+        if let Error::RateLimited {
+            retry_after_secs, ..
+        } = self
+        {
+            resp.headers_mut()
+                .insert(poem::http::header::RETRY_AFTER, retry_after_secs.into());
+        }
+        resp
     }
 }
 

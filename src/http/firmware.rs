@@ -8,7 +8,7 @@ use poem::{
     get, handler,
     http::{header, HeaderMap},
     post,
-    web::{Data, Json, Path, RemoteAddr},
+    web::{Data, Json, Path},
     Body, Route,
 };
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
@@ -18,13 +18,15 @@ use crate::{
     db::entities::command,
     domain::{
         commands::{self, CommandResult},
-        devices::{self, Handshake},
+        devices::{self, AuthenticatedDevice, Handshake, Mac},
         events::{self, DeviceEvent, LegacyReading, NewEvent},
         wire_time,
     },
     error::Error,
     state::AppState,
 };
+
+use super::limits::ClientAddr;
 
 pub fn routes() -> Route {
     Route::new()
@@ -48,8 +50,24 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
         .then_some(token.trim())
 }
 
-fn client_ip(remote: &RemoteAddr) -> Option<std::net::IpAddr> {
-    remote.as_socket_addr().map(|a| a.ip())
+/// Authenticates a device, counting missing and invalid tokens against the client address: an
+/// address over its budget is refused before the token is even looked up.
+async fn authenticate(
+    state: &AppState,
+    client: ClientAddr,
+    headers: &HeaderMap,
+    fresh: bool,
+) -> Result<AuthenticatedDevice> {
+    let limiter = &state.limits.bad_tokens_per_addr;
+    limiter.ensure_not_blocked(&client.0)?;
+    match devices::authenticate(&state.db, &state.tokens, bearer(headers), fresh).await {
+        Ok(device) => Ok(device),
+        Err(err @ (Error::InvalidToken | Error::MissingToken)) => {
+            limiter.record_failure(&client.0)?;
+            Err(err.into())
+        }
+        Err(err) => Err(err.into()),
+    }
 }
 
 fn is_form(headers: &HeaderMap) -> bool {
@@ -153,10 +171,11 @@ struct HandshakeResponse {
 #[handler]
 async fn handshake(
     state: Data<&Arc<AppState>>,
+    client: ClientAddr,
     headers: &HeaderMap,
-    remote: &RemoteAddr,
     body: Body,
 ) -> Result<Json<HandshakeResponse>> {
+    state.limits.handshakes_per_addr.check(&client.0)?;
     let bytes = read_body(body, state.settings.body_limit_bytes).await?;
     // Some clients label a JSON body as a form (curl's `-d` default): the body decides.
     let looks_like_json = bytes.trim_ascii_start().starts_with(b"{");
@@ -168,6 +187,13 @@ async fn handshake(
     let mac = body
         .mac
         .ok_or_else(|| Error::invalid("missing_field", "mac is required"))?;
+    // A malformed MAC is refused by the domain; only real ones have a budget.
+    if let Ok(parsed) = Mac::parse(&mac) {
+        state
+            .limits
+            .handshakes_per_mac
+            .check(&parsed.as_str().to_owned())?;
+    }
     let granted = devices::handshake(
         &state.db,
         &state.tokens,
@@ -177,7 +203,7 @@ async fn handshake(
             mac,
             firmware: body.firmware,
             presented_token: bearer(headers).map(str::to_owned),
-            client: client_ip(remote),
+            client: Some(client.0),
         },
     )
     .await?;
@@ -192,11 +218,12 @@ async fn handshake(
 #[handler]
 async fn device_events(
     state: Data<&Arc<AppState>>,
+    client: ClientAddr,
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Json<Value>> {
     let received_at = Utc::now();
-    let device = devices::authenticate(&state.db, &state.tokens, bearer(headers), false).await?;
+    let device = authenticate(&state, client, headers, false).await?;
     let bytes = read_body(body, state.settings.body_limit_bytes).await?;
     let (event, _): (DeviceEvent, Value) = parse_json(&bytes)?;
     // Valid JSON is valid UTF-8: the body is kept as the device sent it.
@@ -238,10 +265,11 @@ impl From<command::Model> for WireCommand {
 #[handler]
 async fn poll_commands(
     state: Data<&Arc<AppState>>,
+    client: ClientAddr,
     headers: &HeaderMap,
     Path(device_id): Path<String>,
 ) -> Result<Json<Value>> {
-    let device = devices::authenticate(&state.db, &state.tokens, bearer(headers), true).await?;
+    let device = authenticate(&state, client, headers, true).await?;
     device.ensure_is(&device_id)?;
     let due = commands::poll(
         &state.db,
@@ -260,11 +288,12 @@ async fn poll_commands(
 #[handler]
 async fn command_result(
     state: Data<&Arc<AppState>>,
+    client: ClientAddr,
     headers: &HeaderMap,
     Path((device_id, reference)): Path<(String, String)>,
     body: Body,
 ) -> Result<Json<Value>> {
-    let device = devices::authenticate(&state.db, &state.tokens, bearer(headers), true).await?;
+    let device = authenticate(&state, client, headers, true).await?;
     device.ensure_is(&device_id)?;
     let bytes = read_body(body, state.settings.body_limit_bytes).await?;
     let (result, _): (CommandResult, Value) = parse_json(&bytes)?;
@@ -281,10 +310,11 @@ async fn command_result(
 #[handler]
 async fn legacy_iot(
     state: Data<&Arc<AppState>>,
+    client: ClientAddr,
     headers: &HeaderMap,
-    remote: &RemoteAddr,
     body: Body,
 ) -> Result<Json<Value>> {
+    state.limits.iot_per_addr.check(&client.0)?;
     let received_at = Utc::now();
     let bytes = read_body(body, state.settings.body_limit_bytes).await?;
     let reading: LegacyReading = if is_form(headers) || !bytes.trim_ascii_start().starts_with(b"{")
@@ -297,7 +327,7 @@ async fn legacy_iot(
         &state.db,
         &state.ingestor,
         &state.legacy,
-        client_ip(remote),
+        Some(client.0),
         reading,
         received_at,
     )

@@ -4,6 +4,7 @@
 mod error;
 mod firmware;
 mod health;
+pub mod limits;
 
 use std::sync::Arc;
 

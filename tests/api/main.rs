@@ -10,5 +10,6 @@ mod concurrency;
 mod events;
 mod handshake;
 mod legacy;
+mod limits;
 mod ordering;
 mod server;
