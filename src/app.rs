@@ -27,6 +27,9 @@ pub struct Application {
     sweeper: JoinHandle<()>,
     checkpointer: JoinHandle<()>,
     housekeeper: JoinHandle<()>,
+    upkeep: JoinHandle<()>,
+    metrics_acceptor: Option<TcpAcceptor>,
+    metrics_addr: Option<SocketAddr>,
     stop_background: watch::Sender<bool>,
 }
 
@@ -59,6 +62,20 @@ impl Application {
             .first()
             .and_then(|a| a.as_socket_addr().copied())
             .context("HTTP listener has no address")?;
+        let (metrics_acceptor, metrics_addr) = match &settings.metrics_addr {
+            Some(addr) => {
+                let acceptor = TcpListener::bind(addr.clone())
+                    .into_acceptor()
+                    .await
+                    .with_context(|| format!("cannot listen on {addr} (metrics_addr)"))?;
+                let bound = acceptor
+                    .local_addr()
+                    .first()
+                    .and_then(|a| a.as_socket_addr().copied());
+                (Some(acceptor), bound)
+            }
+            None => (None, None),
+        };
         let (ingestor, ingest_task) = Ingestor::start(db.clone(), settings.ingest_batch_max);
         let (stop_background, stopped) = watch::channel(false);
         let notifier = Notifier::default();
@@ -79,6 +96,7 @@ impl Application {
             notifier,
             limits,
         });
+        let upkeep = http::metrics::spawn_upkeep(stopped.clone());
         let housekeeper = spawn_housekeeper(state.clone(), stopped);
         Ok(Application {
             state,
@@ -88,12 +106,20 @@ impl Application {
             sweeper,
             checkpointer,
             housekeeper,
+            upkeep,
+            metrics_acceptor,
+            metrics_addr,
             stop_background,
         })
     }
 
     pub fn http_addr(&self) -> SocketAddr {
         self.http_addr
+    }
+
+    /// Where the dedicated `/metrics` listener listens, when `metrics_addr` is set.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     pub fn state(&self) -> Arc<AppState> {
@@ -108,11 +134,31 @@ impl Application {
     ) -> anyhow::Result<()> {
         let app = http::routes(self.state.clone());
         let idle = Duration::from_secs(self.state.settings.http_idle_timeout_secs);
+        let (stop_metrics, metrics_stopped) = watch::channel(false);
+        let metrics_server = self.metrics_acceptor.map(|acceptor| {
+            let mut stopped = metrics_stopped;
+            let routes = http::metrics_routes(self.state.clone());
+            tokio::spawn(async move {
+                let stop = async move {
+                    let _ = stopped.changed().await;
+                };
+                if let Err(err) = Server::new_with_acceptor(acceptor)
+                    .run_with_graceful_shutdown(routes, stop, Some(Duration::from_secs(1)))
+                    .await
+                {
+                    tracing::error!(error = %err, "metrics listener failed");
+                }
+            })
+        });
         Server::new_with_acceptor(self.acceptor)
             .idle_timeout(idle)
             .run_with_graceful_shutdown(app, shutdown, Some(Duration::from_secs(10)))
             .await
             .context("HTTP server failed")?;
+        let _ = stop_metrics.send(true);
+        if let Some(server) = metrics_server {
+            let _ = server.await;
+        }
         self.state.ingestor.shutdown();
         if let Err(err) = self.ingest_task.await {
             tracing::error!(error = %err, "event writer ended abnormally");
@@ -121,6 +167,7 @@ impl Application {
         let _ = self.sweeper.await;
         let _ = self.checkpointer.await;
         let _ = self.housekeeper.await;
+        let _ = self.upkeep.await;
         // Closing the pools checkpoints SQLite's WAL back into the database file.
         if let Err(err) = self.state.db.clone().close().await {
             tracing::warn!(error = %err, "closing the database failed");

@@ -63,6 +63,11 @@ pub struct Settings {
     pub limit_bad_tokens_per_addr: u32,
     /// Legacy `/api/iot/` readings per client address per window (0 = unlimited).
     pub limit_iot_per_addr: u32,
+    /// Bearer token a `/metrics` scrape must present. Never printed.
+    pub metrics_token: Option<String>,
+    /// A listener of its own for `/metrics` (e.g. `127.0.0.1:9100`); the main listener then
+    /// answers 404 there. With neither this nor a token, only loopback clients may scrape.
+    pub metrics_addr: Option<String>,
 }
 
 /// Accepts `["a", "b"]` (TOML) as well as `"a, b"` (environment).
@@ -110,6 +115,8 @@ impl Default for Settings {
             limit_handshakes_per_mac: 30,
             limit_bad_tokens_per_addr: 600,
             limit_iot_per_addr: 6000,
+            metrics_token: None,
+            metrics_addr: None,
         }
     }
 }
@@ -224,6 +231,8 @@ impl fmt::Debug for Settings {
             .field("limit_handshakes_per_mac", &self.limit_handshakes_per_mac)
             .field("limit_bad_tokens_per_addr", &self.limit_bad_tokens_per_addr)
             .field("limit_iot_per_addr", &self.limit_iot_per_addr)
+            .field("metrics_token", &self.metrics_token.as_ref().map(|_| "***"))
+            .field("metrics_addr", &self.metrics_addr)
             .finish()
     }
 }

@@ -124,6 +124,22 @@ impl Db {
         Ok(WriteTxn { txn, _guard: guard })
     }
 
+    /// Reader pool connections in use and idle (for metrics).
+    pub fn pool_usage(&self) -> (u32, u32) {
+        let (size, idle) = match self.conn.get_database_backend() {
+            sea_orm::DbBackend::Sqlite => {
+                let pool = self.conn.get_sqlite_connection_pool();
+                (pool.size(), pool.num_idle())
+            }
+            _ => {
+                let pool = self.conn.get_postgres_connection_pool();
+                (pool.size(), pool.num_idle())
+            }
+        };
+        let idle = u32::try_from(idle).unwrap_or(u32::MAX);
+        (size.saturating_sub(idle), idle)
+    }
+
     pub async fn ping(&self) -> Result<(), DbErr> {
         self.conn.execute_unprepared("SELECT 1").await.map(|_| ())
     }

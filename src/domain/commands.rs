@@ -170,6 +170,7 @@ pub async fn create(
     .insert(&*txn)
     .await?;
     txn.commit().await?;
+    metrics::counter!("ozone_commands_total", "status" => "created").increment(1);
     notifier.publish(Notification::CommandQueued {
         device: device.id,
         device_id: device.device_id,
@@ -274,6 +275,7 @@ pub async fn claim(
 
 fn announce(notifier: &Notifier, changed: &[command::Model]) {
     for c in changed {
+        metrics::counter!("ozone_commands_total", "status" => c.status.clone()).increment(1);
         notifier.publish(Notification::CommandChanged {
             device: c.device_id,
             command_id: c.command_id.clone(),

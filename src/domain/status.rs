@@ -452,6 +452,45 @@ pub fn presence(status: &device_status::Model, now: DateTime<Utc>, t: Thresholds
     }
 }
 
+/// How many devices are online, idle and offline now (for metrics and dashboards).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PresenceCounts {
+    pub online: u64,
+    pub idle: u64,
+    pub offline: u64,
+}
+
+/// Counts devices by `presence`, in three counting queries rather than loading every row.
+pub async fn count_presence(
+    conn: &impl ConnectionTrait,
+    now: DateTime<Utc>,
+    t: Thresholds,
+) -> Result<PresenceCounts> {
+    use sea_orm::{ColumnTrait, Condition, EntityTrait, PaginatorTrait, QueryFilter};
+
+    use crate::db::entities::device;
+    let contact_since = |since: DateTime<Utc>| {
+        Condition::any()
+            .add(device_status::Column::MqttConnected.eq(true))
+            .add(device_status::Column::LastPoll.gte(since))
+            .add(device_status::Column::LastSeen.gte(since))
+    };
+    let online = device_status::Entity::find()
+        .filter(contact_since(now - t.online))
+        .count(conn)
+        .await?;
+    let recent = device_status::Entity::find()
+        .filter(contact_since(now - t.idle))
+        .count(conn)
+        .await?;
+    let total = device::Entity::find().count(conn).await?;
+    Ok(PresenceCounts {
+        online,
+        idle: recent.saturating_sub(online),
+        offline: total.saturating_sub(recent),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -63,10 +63,16 @@ async fn authenticate(
     match devices::authenticate(&state.db, &state.tokens, bearer(headers), fresh).await {
         Ok(device) => Ok(device),
         Err(err @ (Error::InvalidToken | Error::MissingToken)) => {
+            metrics::counter!("ozone_auth_failures_total", "reason" => err.code()).increment(1);
             limiter.record_failure(&client.0)?;
             Err(err.into())
         }
-        Err(err) => Err(err.into()),
+        Err(err) => {
+            if matches!(err, Error::DeviceMismatch(_) | Error::DeviceUnassigned(_)) {
+                metrics::counter!("ozone_auth_failures_total", "reason" => err.code()).increment(1);
+            }
+            Err(err.into())
+        }
     }
 }
 
@@ -206,7 +212,10 @@ async fn handshake(
             client: Some(client.0),
         },
     )
-    .await?;
+    .await;
+    let outcome = granted.as_ref().map_or_else(|e| e.code(), |_| "ok");
+    metrics::counter!("ozone_handshakes_total", "outcome" => outcome).increment(1);
+    let granted = granted?;
     Ok(Json(HandshakeResponse {
         device_id: granted.device_id,
         token: granted.token,

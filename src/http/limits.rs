@@ -72,6 +72,7 @@ impl<K: Hash + Eq + Clone + Display> KeyedLimiter<K> {
 
     fn refusal(&self, key: &K, wait: Duration) -> Error {
         let retry_after_secs = retry_after_secs(wait);
+        metrics::counter!("ozone_rate_limited_total", "limit" => self.name).increment(1);
         if self.log_gate.check_key(key).is_ok() {
             tracing::warn!(
                 limit = self.name,

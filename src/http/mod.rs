@@ -5,6 +5,7 @@ mod error;
 mod firmware;
 mod health;
 pub mod limits;
+pub mod metrics;
 
 use std::sync::Arc;
 
@@ -22,10 +23,21 @@ pub fn routes(state: Arc<AppState>) -> impl Endpoint {
         .nest_no_strip("/api", firmware::routes())
         .at("/healthz", poem::get(health::healthz))
         .at("/readyz", poem::get(health::readyz))
+        .at("/metrics", poem::get(metrics::metrics_endpoint))
         .with(NormalizePath::new(TrailingSlash::Trim))
         .data(state)
+        .around(metrics::track)
         .catch_all_error(error::from_poem)
         .around(access_log)
+}
+
+/// The dedicated `metrics_addr` listener: `/metrics` and nothing else.
+pub fn metrics_routes(state: Arc<AppState>) -> impl Endpoint {
+    Route::new()
+        .at("/metrics", poem::get(metrics::metrics_endpoint))
+        .data(state)
+        .data(metrics::OwnListener)
+        .catch_all_error(error::from_poem)
 }
 
 /// One line per request at debug level (`OZONE_LOG=ozone::http=debug`): what firmware

@@ -8,6 +8,8 @@ use tokio::{sync::oneshot, task::JoinHandle};
 
 pub struct TestApp {
     pub addr: SocketAddr,
+    /// The dedicated `/metrics` listener, when `metrics_addr` is set.
+    pub metrics_addr: Option<SocketAddr>,
     pub base: String,
     pub database_url: String,
     pub http: reqwest::Client,
@@ -80,6 +82,7 @@ async fn spawn_app_on(
     configure(&mut settings);
     let app = Application::build(settings).await.expect("app builds");
     let addr = app.http_addr();
+    let metrics_addr = app.metrics_addr();
     let state = app.state();
     let (stop, stopped) = oneshot::channel::<()>();
     let server = tokio::spawn(app.run_until_stopped(async {
@@ -87,6 +90,7 @@ async fn spawn_app_on(
     }));
     TestApp {
         addr,
+        metrics_addr,
         base: format!("http://{addr}"),
         database_url,
         http: reqwest::Client::new(),

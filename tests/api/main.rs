@@ -11,5 +11,6 @@ mod events;
 mod handshake;
 mod legacy;
 mod limits;
+mod metrics;
 mod ordering;
 mod server;

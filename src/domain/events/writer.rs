@@ -181,8 +181,10 @@ async fn run_writer(
         }
         let touched = take_contacts(&contacts);
         let events: Vec<&NewEvent> = jobs.iter().map(|j| &j.event).collect();
+        let started = std::time::Instant::now();
         match commit_batch(&db, &events, touched.clone(), &mut memo).await {
             Ok(outcomes) => {
+                record_metrics(&outcomes, started);
                 for (job, outcome) in jobs.into_iter().zip(outcomes) {
                     let _ = job.done.send(Ok(outcome));
                 }
@@ -194,8 +196,11 @@ async fn run_writer(
                     let outcome = commit_batch(&db, &[&job.event], HashMap::new(), &mut memo)
                         .await
                         .map(|mut o| o.pop().unwrap_or(Ingested::Duplicate));
-                    if let Err(err) = &outcome {
-                        tracing::error!(error = %err, event_id = %job.event.event_id, "event could not be stored");
+                    match &outcome {
+                        Ok(o) => record_metrics(std::slice::from_ref(o), started),
+                        Err(err) => {
+                            tracing::error!(error = %err, event_id = %job.event.event_id, "event could not be stored")
+                        }
                     }
                     let _ = job.done.send(outcome);
                 }
@@ -205,6 +210,17 @@ async fn run_writer(
     }
     // Contacts that came in last are written before the writer ends.
     commit_contacts(&db, &contacts, &mut memo).await;
+}
+
+fn record_metrics(outcomes: &[Ingested], started: std::time::Instant) {
+    let stored = outcomes
+        .iter()
+        .filter(|o| matches!(o, Ingested::Stored))
+        .count() as u64;
+    metrics::counter!("ozone_events_ingested_total").increment(stored);
+    metrics::counter!("ozone_events_duplicate_total").increment(outcomes.len() as u64 - stored);
+    metrics::histogram!("ozone_ingest_batch_size").record(outcomes.len() as f64);
+    metrics::histogram!("ozone_ingest_commit_seconds").record(started.elapsed().as_secs_f64());
 }
 
 fn take_contacts(contacts: &Contacts) -> HashMap<i32, status::DeviceUpdate> {
