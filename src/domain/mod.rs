@@ -4,8 +4,12 @@
 pub mod commands;
 pub mod devices;
 pub mod events;
+pub mod export;
 pub mod fleet;
+pub mod logs;
 pub mod notify;
+pub mod rollup;
+pub mod stats;
 pub mod status;
 pub mod trust;
 pub mod users;

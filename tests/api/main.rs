@@ -14,3 +14,4 @@ mod limits;
 mod metrics;
 mod ordering;
 mod server;
+mod stats;

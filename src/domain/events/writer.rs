@@ -293,6 +293,7 @@ async fn commit_batch(
     for chunk in candidates.chunks(INSERT_MAX_ROWS) {
         inserted.extend(insert_events(&*txn, chunk, &attribution).await?);
     }
+    crate::domain::rollup::record_inserted(&*txn, &candidates, &inserted, &attribution).await?;
 
     // Device status: every sender was seen now; each new event's report counts by its own
     // time, so a buffered older event never overwrites a newer state.

@@ -1,0 +1,346 @@
+//! The hourly rollup of treatments: what usage statistics read instead of raw events.
+//!
+//! Three tables (see migration `m20261202_000005_rollup`), each a count per UTC hour and
+//! treatment: per device/machine/outlet (`stats_hourly`), per outlet (`stats_hourly_outlets`)
+//! and for the whole fleet (`stats_hourly_fleet`). They are kept exact inside the transaction
+//! that stores the events (one upsert per distinct key per batch), and inside the flush that
+//! deletes events. A late event lands in the hour it happened, like any other.
+//!
+//! "No machine" and "no outlet" are stored as 0, so that keys hold no NULLs and
+//! `ON CONFLICT` always matches.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::OnceLock;
+
+use sea_orm::{ConnectionTrait, DbBackend, Statement, Value};
+
+use crate::{
+    db::placeholder,
+    domain::{
+        events::{EventKind, NewEvent, Treatment},
+        fleet::Attribution,
+    },
+    error::Result,
+};
+
+/// Seconds in a rollup bucket.
+pub const HOUR: i64 = 3600;
+
+/// The stored code of a treatment.
+pub fn treatment_code(t: Treatment) -> i16 {
+    match t {
+        Treatment::Basic => 0,
+        Treatment::Standard => 1,
+        Treatment::Premium => 2,
+    }
+}
+
+/// The SQL expression that turns `telemetry_events.treatment` into its stored code.
+pub const TREATMENT_CODE_SQL: &str =
+    "CASE treatment WHEN 'BASIC' THEN 0 WHEN 'STANDARD' THEN 1 WHEN 'PREMIUM' THEN 2 END";
+
+/// One treatment to count, with the attribution it was stored with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Counted {
+    pub device: i32,
+    pub occurred_epoch: i64,
+    pub machine: Option<i32>,
+    pub outlet: Option<i32>,
+    pub treatment: Treatment,
+}
+
+/// Adds to the rollup the treatments among `candidates` that this transaction inserted
+/// (`inserted`), attributed as they were stored. Called by the event writer right after its
+/// insert, inside the same transaction.
+pub async fn record_inserted(
+    conn: &impl ConnectionTrait,
+    candidates: &[&NewEvent],
+    inserted: &HashSet<(i32, String)>,
+    attribution: &Attribution,
+) -> Result<()> {
+    let new: HashSet<(i32, &str)> = inserted.iter().map(|(d, e)| (*d, e.as_str())).collect();
+    let counted = candidates.iter().filter_map(|e| {
+        let treatment = e.treatment.filter(|_| e.kind == EventKind::Treatment)?;
+        if !new.contains(&(e.device, e.event_id.as_str())) {
+            return None;
+        }
+        let (machine, outlet) = attribution.at(e.device, e.occurred_at);
+        Some(Counted {
+            device: e.device,
+            occurred_epoch: e.occurred_at.timestamp(),
+            machine,
+            outlet,
+            treatment,
+        })
+    });
+    add(conn, counted).await
+}
+
+/// Adds treatments to all three rollup levels: one upsert row per distinct key, in key order
+/// (so that concurrent writers on PostgreSQL lock rows in the same order and cannot deadlock).
+pub async fn add(
+    conn: &impl ConnectionTrait,
+    treatments: impl IntoIterator<Item = Counted>,
+) -> Result<()> {
+    let mut devices: BTreeMap<(i32, i64, i32, i32, i16), i64> = BTreeMap::new();
+    for t in treatments {
+        let key = (
+            t.device,
+            t.occurred_epoch.div_euclid(HOUR) * HOUR,
+            t.machine.unwrap_or(0),
+            t.outlet.unwrap_or(0),
+            treatment_code(t.treatment),
+        );
+        *devices.entry(key).or_default() += 1;
+    }
+    if devices.is_empty() {
+        return Ok(());
+    }
+    let mut outlets: BTreeMap<(i32, i64, i16), i64> = BTreeMap::new();
+    let mut fleet: BTreeMap<(i64, i16), i64> = BTreeMap::new();
+    for (&(_, hour, _, outlet, treatment), &n) in &devices {
+        *outlets.entry((outlet, hour, treatment)).or_default() += n;
+        *fleet.entry((hour, treatment)).or_default() += n;
+    }
+    upsert(
+        conn,
+        Level::Device,
+        devices
+            .into_iter()
+            .map(|((d, h, m, o, t), n)| {
+                vec![d.into(), h.into(), m.into(), o.into(), t.into(), n.into()]
+            })
+            .collect(),
+    )
+    .await?;
+    upsert(
+        conn,
+        Level::Outlet,
+        outlets
+            .into_iter()
+            .map(|((o, h, t), n)| vec![o.into(), h.into(), t.into(), n.into()])
+            .collect(),
+    )
+    .await?;
+    upsert(
+        conn,
+        Level::Fleet,
+        fleet
+            .into_iter()
+            .map(|((h, t), n)| vec![h.into(), t.into(), n.into()])
+            .collect(),
+    )
+    .await?;
+    Ok(())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Level {
+    Device,
+    Outlet,
+    Fleet,
+}
+
+impl Level {
+    const ALL: [Level; 3] = [Level::Device, Level::Outlet, Level::Fleet];
+
+    fn table(self) -> &'static str {
+        match self {
+            Level::Device => "stats_hourly",
+            Level::Outlet => "stats_hourly_outlets",
+            Level::Fleet => "stats_hourly_fleet",
+        }
+    }
+
+    /// The key columns, and for each the expression over `telemetry_events` it comes from.
+    fn key(self) -> &'static [(&'static str, &'static str)] {
+        const HOUR_OF_EVENT: &str = "(occurred_epoch / 3600) * 3600";
+        match self {
+            Level::Device => &[
+                ("device_id", "device_id"),
+                ("bucket_hour", HOUR_OF_EVENT),
+                ("machine_id", "COALESCE(machine_id, 0)"),
+                ("outlet_id", "COALESCE(outlet_id, 0)"),
+                ("treatment", TREATMENT_CODE_SQL),
+            ],
+            Level::Outlet => &[
+                ("outlet_id", "COALESCE(outlet_id, 0)"),
+                ("bucket_hour", HOUR_OF_EVENT),
+                ("treatment", TREATMENT_CODE_SQL),
+            ],
+            Level::Fleet => &[
+                ("bucket_hour", HOUR_OF_EVENT),
+                ("treatment", TREATMENT_CODE_SQL),
+            ],
+        }
+    }
+}
+
+/// Rows per upsert statement. A batch is split into power-of-two chunks (binary
+/// decomposition), so only eight statement shapes exist per level and all stay prepared;
+/// unlike the event insert, an upsert cannot be padded with repeated rows.
+const UPSERT_MAX_ROWS: usize = 128;
+
+fn upsert_sql(backend: DbBackend, level: Level, rows: usize) -> String {
+    let table = level.table();
+    let key: Vec<&str> = level.key().iter().map(|(c, _)| *c).collect();
+    let width = key.len() + 1;
+    let mut sql = format!("INSERT INTO {table} ({}, count) VALUES ", key.join(", "));
+    let mut n = 0;
+    for row in 0..rows {
+        if row > 0 {
+            sql.push_str(", ");
+        }
+        sql.push('(');
+        for col in 0..width {
+            if col > 0 {
+                sql.push_str(", ");
+            }
+            n += 1;
+            sql.push_str(&placeholder(backend, n));
+        }
+        sql.push(')');
+    }
+    sql.push_str(&format!(
+        " ON CONFLICT ({}) DO UPDATE SET count = {table}.count + excluded.count",
+        key.join(", ")
+    ));
+    sql
+}
+
+fn cached_upsert_sql(backend: DbBackend, level: Level, rows: usize) -> &'static str {
+    static SHAPES: OnceLock<Vec<String>> = OnceLock::new();
+    let powers = UPSERT_MAX_ROWS.trailing_zeros() as usize + 1;
+    let shapes = SHAPES.get_or_init(|| {
+        let mut all = Vec::new();
+        for backend in [DbBackend::Sqlite, DbBackend::Postgres] {
+            for level in Level::ALL {
+                for power in 0..powers {
+                    all.push(upsert_sql(backend, level, 1 << power));
+                }
+            }
+        }
+        all
+    });
+    let b = usize::from(backend == DbBackend::Postgres);
+    let l = Level::ALL.iter().position(|x| *x == level).unwrap_or(0);
+    &shapes[(b * Level::ALL.len() + l) * powers + rows.trailing_zeros() as usize]
+}
+
+async fn upsert(conn: &impl ConnectionTrait, level: Level, rows: Vec<Vec<Value>>) -> Result<()> {
+    let backend = match conn.get_database_backend() {
+        DbBackend::Postgres => DbBackend::Postgres,
+        _ => DbBackend::Sqlite,
+    };
+    let mut rest = rows.as_slice();
+    while !rest.is_empty() {
+        let take = if rest.len() >= UPSERT_MAX_ROWS {
+            UPSERT_MAX_ROWS
+        } else {
+            1 << (usize::BITS - 1 - rest.len().leading_zeros())
+        };
+        let (chunk, tail) = rest.split_at(take);
+        let values: Vec<Value> = chunk.iter().flatten().cloned().collect();
+        let sql = cached_upsert_sql(backend, level, take);
+        conn.execute_raw(Statement::from_sql_and_values(backend, sql, values))
+            .await?;
+        rest = tail;
+    }
+    Ok(())
+}
+
+/// Which events a flush deletes, as a SQL condition over `telemetry_events` and its values
+/// (placeholders numbered from 1).
+pub struct Deleted<'a> {
+    pub condition: &'a str,
+    pub values: &'a [Value],
+}
+
+/// Takes the treatments among the events `deleted` selects out of every rollup level; call it
+/// in the flush's transaction before deleting them. `None` means every event.
+pub async fn subtract(conn: &impl ConnectionTrait, deleted: Option<Deleted<'_>>) -> Result<()> {
+    let backend = conn.get_database_backend();
+    let Some(deleted) = deleted else {
+        for level in Level::ALL {
+            conn.execute_unprepared(&format!("DELETE FROM {}", level.table()))
+                .await?;
+        }
+        return Ok(());
+    };
+    for level in Level::ALL {
+        let table = level.table();
+        let key = level.key();
+        let columns: Vec<String> = key.iter().map(|(c, e)| format!("{e} AS {c}")).collect();
+        let groups: Vec<&str> = key.iter().map(|(_, e)| *e).collect();
+        let matches: Vec<String> = key
+            .iter()
+            .map(|(c, _)| format!("{table}.{c} = d.{c}"))
+            .collect();
+        // `UPDATE … FROM` is the same text on SQLite (3.33+) and PostgreSQL.
+        let sql = format!(
+            "UPDATE {table} SET count = {table}.count - d.n FROM (\
+             SELECT {}, COUNT(*) AS n FROM telemetry_events \
+             WHERE event = 'treatment' AND treatment IN ('BASIC', 'STANDARD', 'PREMIUM') AND ({}) \
+             GROUP BY {}) AS d WHERE {}",
+            columns.join(", "),
+            deleted.condition,
+            groups.join(", "),
+            matches.join(" AND "),
+        );
+        conn.execute_raw(Statement::from_sql_and_values(
+            backend,
+            sql,
+            deleted.values.to_vec(),
+        ))
+        .await?;
+        conn.execute_unprepared(&format!("DELETE FROM {table} WHERE count <= 0"))
+            .await?;
+    }
+    Ok(())
+}
+
+/// Rebuilds every level from the raw events (for repairs and checks; ingest and flush keep the
+/// rollup exact on their own).
+pub async fn rebuild(conn: &impl ConnectionTrait) -> Result<()> {
+    subtract(conn, None).await?;
+    for level in Level::ALL {
+        let key = level.key();
+        let columns: Vec<&str> = key.iter().map(|(c, _)| *c).collect();
+        let exprs: Vec<&str> = key.iter().map(|(_, e)| *e).collect();
+        conn.execute_unprepared(&format!(
+            "INSERT INTO {} ({}, count) SELECT {}, COUNT(*) FROM telemetry_events \
+             WHERE event = 'treatment' AND treatment IN ('BASIC', 'STANDARD', 'PREMIUM') \
+             GROUP BY {}",
+            level.table(),
+            columns.join(", "),
+            exprs.join(", "),
+            exprs.join(", "),
+        ))
+        .await?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upsert_statements_add_to_existing_counts() {
+        let sql = upsert_sql(DbBackend::Postgres, Level::Outlet, 2);
+        assert_eq!(
+            sql,
+            "INSERT INTO stats_hourly_outlets (outlet_id, bucket_hour, treatment, count) \
+             VALUES ($1, $2, $3, $4), ($5, $6, $7, $8) ON CONFLICT (outlet_id, bucket_hour, \
+             treatment) DO UPDATE SET count = stats_hourly_outlets.count + excluded.count"
+        );
+        assert_eq!(
+            cached_upsert_sql(DbBackend::Sqlite, Level::Fleet, 4),
+            upsert_sql(DbBackend::Sqlite, Level::Fleet, 4)
+        );
+        assert_eq!(
+            cached_upsert_sql(DbBackend::Postgres, Level::Device, 128),
+            upsert_sql(DbBackend::Postgres, Level::Device, 128)
+        );
+    }
+}
