@@ -64,7 +64,7 @@ pub struct MachineLogs {
 }
 
 /// Rows read per step of the backwards walk to the last reported counters.
-const WALK_PAGE: u64 = 1000;
+const WALK_PAGE: u64 = 5000;
 
 const COLUMNS: &str = "id, device_id, event_id, event, treatment, counter, occurred_epoch, \
     occurred_at, received_at, count_basic, count_standard, count_premium, \
@@ -211,8 +211,10 @@ pub async fn machine_logs(
         });
     }
 
-    // The log's rows: attributed to this machine, of a device bound to it (which lets the
-    // per-device time index serve the query).
+    // The log's rows: attributed to this machine, of a device bound to it. The device ids
+    // let the unique (device, event_id) index find them; events have no per-device time index
+    // (it would cost ingest a page per device and commit), so a device's rows are sorted here,
+    // and `+` keeps SQLite from walking the global time index instead.
     let where_sql = format!(
         "machine_id = {} AND device_id IN ({}) AND event IN ('treatment', 'reset')",
         placeholder(backend, 1),
@@ -264,7 +266,7 @@ pub async fn machine_logs(
             backend,
             format!(
                 "SELECT {COLUMNS} FROM telemetry_events WHERE {where_sql} \
-                 ORDER BY occurred_epoch DESC, id DESC LIMIT {} OFFSET {}",
+                 ORDER BY +occurred_epoch DESC, +id DESC LIMIT {} OFFSET {}",
                 placeholder(backend, next),
                 placeholder(backend, next + 1)
             ),
@@ -324,7 +326,7 @@ async fn counters_before(
         "SELECT {COLUMNS} FROM telemetry_events WHERE machine_id = {} AND device_id = {} \
          AND event IN ('treatment', 'reset') \
          AND (occurred_epoch < {} OR (occurred_epoch = {} AND id < {})) \
-         ORDER BY occurred_epoch DESC, id DESC LIMIT {}",
+         ORDER BY +occurred_epoch DESC, +id DESC LIMIT {}",
         p(1),
         p(2),
         p(3),

@@ -82,11 +82,12 @@ pub async fn add(
     conn: &impl ConnectionTrait,
     treatments: impl IntoIterator<Item = Counted>,
 ) -> Result<()> {
-    let mut devices: BTreeMap<(i32, i64, i32, i32, i16), i64> = BTreeMap::new();
+    // Keys in the tables' own order: (hour, device, machine, outlet, treatment).
+    let mut devices: BTreeMap<(i64, i32, i32, i32, i16), i64> = BTreeMap::new();
     for t in treatments {
         let key = (
-            t.device,
             t.occurred_epoch.div_euclid(HOUR) * HOUR,
+            t.device,
             t.machine.unwrap_or(0),
             t.outlet.unwrap_or(0),
             treatment_code(t.treatment),
@@ -96,10 +97,10 @@ pub async fn add(
     if devices.is_empty() {
         return Ok(());
     }
-    let mut outlets: BTreeMap<(i32, i64, i16), i64> = BTreeMap::new();
+    let mut outlets: BTreeMap<(i64, i32, i16), i64> = BTreeMap::new();
     let mut fleet: BTreeMap<(i64, i16), i64> = BTreeMap::new();
-    for (&(_, hour, _, outlet, treatment), &n) in &devices {
-        *outlets.entry((outlet, hour, treatment)).or_default() += n;
+    for (&(hour, _, _, outlet, treatment), &n) in &devices {
+        *outlets.entry((hour, outlet, treatment)).or_default() += n;
         *fleet.entry((hour, treatment)).or_default() += n;
     }
     upsert(
@@ -107,8 +108,8 @@ pub async fn add(
         Level::Device,
         devices
             .into_iter()
-            .map(|((d, h, m, o, t), n)| {
-                vec![d.into(), h.into(), m.into(), o.into(), t.into(), n.into()]
+            .map(|((h, d, m, o, t), n)| {
+                vec![h.into(), d.into(), m.into(), o.into(), t.into(), n.into()]
             })
             .collect(),
     )
@@ -118,7 +119,7 @@ pub async fn add(
         Level::Outlet,
         outlets
             .into_iter()
-            .map(|((o, h, t), n)| vec![o.into(), h.into(), t.into(), n.into()])
+            .map(|((h, o, t), n)| vec![h.into(), o.into(), t.into(), n.into()])
             .collect(),
     )
     .await?;
@@ -157,15 +158,15 @@ impl Level {
         const HOUR_OF_EVENT: &str = "(occurred_epoch / 3600) * 3600";
         match self {
             Level::Device => &[
-                ("device_id", "device_id"),
                 ("bucket_hour", HOUR_OF_EVENT),
+                ("device_id", "device_id"),
                 ("machine_id", "COALESCE(machine_id, 0)"),
                 ("outlet_id", "COALESCE(outlet_id, 0)"),
                 ("treatment", TREATMENT_CODE_SQL),
             ],
             Level::Outlet => &[
-                ("outlet_id", "COALESCE(outlet_id, 0)"),
                 ("bucket_hour", HOUR_OF_EVENT),
+                ("outlet_id", "COALESCE(outlet_id, 0)"),
                 ("treatment", TREATMENT_CODE_SQL),
             ],
             Level::Fleet => &[
@@ -330,8 +331,8 @@ mod tests {
         let sql = upsert_sql(DbBackend::Postgres, Level::Outlet, 2);
         assert_eq!(
             sql,
-            "INSERT INTO stats_hourly_outlets (outlet_id, bucket_hour, treatment, count) \
-             VALUES ($1, $2, $3, $4), ($5, $6, $7, $8) ON CONFLICT (outlet_id, bucket_hour, \
+            "INSERT INTO stats_hourly_outlets (bucket_hour, outlet_id, treatment, count) \
+             VALUES ($1, $2, $3, $4), ($5, $6, $7, $8) ON CONFLICT (bucket_hour, outlet_id, \
              treatment) DO UPDATE SET count = stats_hourly_outlets.count + excluded.count"
         );
         assert_eq!(
