@@ -35,7 +35,7 @@ pub struct Application {
 
 /// Opens the database and applies pending migrations.
 pub async fn open_database(settings: &Settings) -> anyhow::Result<Db> {
-    let db = Db::connect(&settings.database_url, settings.db_max_connections)
+    let db = Db::connect_with(&settings.database_url, &settings.db_options())
         .await
         .with_context(|| {
             format!(

@@ -20,6 +20,12 @@ pub struct Settings {
     pub database_url: String,
     /// Connections in the database pool.
     pub db_max_connections: u32,
+    /// Seconds to wait for a database connection before failing.
+    pub db_connect_timeout_secs: u64,
+    /// PostgreSQL: seconds a statement may run before the server cancels it.
+    pub db_statement_timeout_secs: u64,
+    /// PostgreSQL: the `application_name` of the connections.
+    pub db_application_name: String,
     /// Largest request body accepted, in bytes; larger ones get 413.
     pub body_limit_bytes: usize,
     /// An HTTP connection with no traffic for this long is closed (seconds).
@@ -96,6 +102,9 @@ impl Default for Settings {
             mqtt_addr: "0.0.0.0:1883".into(),
             database_url: "sqlite://ozone.db?mode=rwc".into(),
             db_max_connections: 8,
+            db_connect_timeout_secs: 10,
+            db_statement_timeout_secs: 30,
+            db_application_name: "ozone".into(),
             body_limit_bytes: 64 * 1024,
             http_idle_timeout_secs: 120,
             strict_handshake: false,
@@ -182,6 +191,15 @@ impl Settings {
         Ok(())
     }
 
+    pub fn db_options(&self) -> crate::db::DbOptions {
+        crate::db::DbOptions {
+            max_connections: self.db_max_connections,
+            connect_timeout: Duration::from_secs(self.db_connect_timeout_secs.max(1)),
+            statement_timeout: Duration::from_secs(self.db_statement_timeout_secs.max(1)),
+            application_name: self.db_application_name.clone(),
+        }
+    }
+
     pub fn is_sqlite(&self) -> bool {
         self.database_url.starts_with("sqlite:")
     }
@@ -212,6 +230,9 @@ impl fmt::Debug for Settings {
             .field("mqtt_addr", &self.mqtt_addr)
             .field("database_url", &redact_url(&self.database_url))
             .field("db_max_connections", &self.db_max_connections)
+            .field("db_connect_timeout_secs", &self.db_connect_timeout_secs)
+            .field("db_statement_timeout_secs", &self.db_statement_timeout_secs)
+            .field("db_application_name", &self.db_application_name)
             .field("body_limit_bytes", &self.body_limit_bytes)
             .field("http_idle_timeout_secs", &self.http_idle_timeout_secs)
             .field("strict_handshake", &self.strict_handshake)

@@ -34,6 +34,29 @@ pub fn placeholder(backend: sea_orm::DbBackend, n: usize) -> String {
     }
 }
 
+/// How to connect; the PostgreSQL parts matter in production (see the README).
+#[derive(Debug, Clone)]
+pub struct DbOptions {
+    pub max_connections: u32,
+    /// Waiting longer than this for a connection (or to open one) is an error.
+    pub connect_timeout: Duration,
+    /// PostgreSQL: a statement running longer than this is cancelled by the server.
+    pub statement_timeout: Duration,
+    /// PostgreSQL: how the connections are named in `pg_stat_activity`.
+    pub application_name: String,
+}
+
+impl Default for DbOptions {
+    fn default() -> Self {
+        DbOptions {
+            max_connections: 8,
+            connect_timeout: Duration::from_secs(10),
+            statement_timeout: Duration::from_secs(30),
+            application_name: "ozone".into(),
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct Db {
     /// Readers (and, on PostgreSQL, writers too).
@@ -46,13 +69,34 @@ pub struct Db {
 
 impl Db {
     pub async fn connect(url: &str, max_connections: u32) -> Result<Db, DbErr> {
+        Db::connect_with(
+            url,
+            &DbOptions {
+                max_connections,
+                ..DbOptions::default()
+            },
+        )
+        .await
+    }
+
+    /// Opens the pools. TLS to PostgreSQL is chosen in the URL (`sslmode=require` or
+    /// `verify-full` with `sslrootcert=…`; rustls, no OpenSSL).
+    pub async fn connect_with(url: &str, db: &DbOptions) -> Result<Db, DbErr> {
+        let max_connections = db.max_connections;
         if !url.starts_with("sqlite:") {
             let mut options = ConnectOptions::new(url.to_owned());
+            let statement_timeout = format!("{}ms", db.statement_timeout.as_millis());
+            let application_name = db.application_name.clone();
             options
                 .max_connections(max_connections.max(1))
                 .min_connections(1)
-                .acquire_timeout(Duration::from_secs(10))
-                .sqlx_logging(false);
+                .connect_timeout(db.connect_timeout)
+                .acquire_timeout(db.connect_timeout)
+                .sqlx_logging(false)
+                .map_sqlx_postgres_opts(move |o| {
+                    o.application_name(&application_name)
+                        .options([("statement_timeout", statement_timeout.as_str())])
+                });
             let conn = Database::connect(options).await?;
             return Ok(Db {
                 writer: conn.clone(),
@@ -65,7 +109,7 @@ impl Db {
             options
                 .max_connections(connections)
                 .min_connections(1)
-                .acquire_timeout(Duration::from_secs(10))
+                .acquire_timeout(db.connect_timeout)
                 .sqlx_logging(false)
                 // A local file needs no liveness ping before every use.
                 .test_before_acquire(false)

@@ -146,6 +146,9 @@ pub async fn record(
         .map(|_| ())
 }
 
+/// Status rows per statement to a networked database: about 8 KiB of parameters.
+const NETWORK_STATUS_ROWS: usize = 32;
+
 /// `devices.last_seen` is kept to this resolution; `device_status.last_seen` is exact.
 const DEVICE_SEEN_RESOLUTION: Duration = Duration::seconds(60);
 
@@ -202,6 +205,15 @@ pub async fn record_many(
         return Ok(writes);
     }
     let backend = conn.get_database_backend();
+    if backend == DbBackend::Postgres && updates.len() > NETWORK_STATUS_ROWS {
+        // Statements that fit one network write (see `events::NETWORK_STATEMENT_BYTES`).
+        for chunk in updates.chunks(NETWORK_STATUS_ROWS) {
+            let done = Box::pin(record_many(conn, chunk, now, memo)).await?;
+            writes.firmware.extend(done.firmware);
+            writes.seen.extend(done.seen);
+        }
+        return Ok(writes);
+    }
     // Rows are padded to a power of two with copies of the last one (identical updates, which
     // change nothing the second time), so that few statement shapes recur and stay prepared.
     let rows = updates.len().next_power_of_two();
