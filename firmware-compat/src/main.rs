@@ -31,6 +31,9 @@ enum Command {
     Replay(ReplayArgs),
     /// Load-test durable event ingest (POST /api/device/events/).
     Ingest(IngestArgs),
+    /// Load-test command polls (GET /api/device/{id}/commands/); the devices must be assigned
+    /// beforehand (see --mac-prefix), and polls that find nothing are the common case.
+    Poll(IngestArgs),
     /// Run simulated devices: handshake, poll and execute commands, post treatments.
     Simulate(SimulateArgs),
 }
@@ -123,7 +126,8 @@ fn main() -> ExitCode {
     let outcome = runtime.block_on(async {
         match cli.command {
             Command::Replay(args) => replay(args).await,
-            Command::Ingest(args) => ingest(args).await,
+            Command::Ingest(args) => ingest(args, Load::Events).await,
+            Command::Poll(args) => ingest(args, Load::Polls).await,
             Command::Simulate(args) => simulate(args).await,
         }
     });
@@ -377,7 +381,55 @@ struct ConnStats {
     first_error: Option<String>,
 }
 
-async fn ingest(args: IngestArgs) -> anyhow::Result<ExitCode> {
+/// What a load connection sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Load {
+    Events,
+    Polls,
+}
+
+impl ConnStats {
+    /// Counts one request's outcome; false once the run's end cut it off. After a connection
+    /// error it pauses a little, so as not to spin against a server that refuses connections.
+    async fn record<E: std::fmt::Display>(
+        &mut self,
+        outcome: Result<Result<(), E>, tokio::time::error::Elapsed>,
+        sent: tokio::time::Instant,
+        measure_from: tokio::time::Instant,
+        response: &Response,
+    ) -> bool {
+        let measured = sent >= measure_from;
+        match outcome {
+            // Cut off by the end of the run: neither a success nor an error.
+            Err(_) => return false,
+            Ok(Err(err)) => {
+                if measured {
+                    self.errors += 1;
+                }
+                self.first_error.get_or_insert_with(|| err.to_string());
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Ok(Ok(())) => {
+                let micros = sent.elapsed().as_micros().min(u128::from(u32::MAX)) as u32;
+                if response.status == 200 {
+                    if measured {
+                        self.ok += 1;
+                        self.latencies.push(micros);
+                    }
+                } else {
+                    if measured {
+                        self.non_200 += 1;
+                    }
+                    self.first_non_200
+                        .get_or_insert_with(|| format!("{} {}", response.status, response.text()));
+                }
+            }
+        }
+        true
+    }
+}
+
+async fn ingest(args: IngestArgs, load: Load) -> anyhow::Result<ExitCode> {
     if args.connections == 0 || args.devices == 0 {
         bail!("--connections and --devices must be at least 1");
     }
@@ -409,6 +461,7 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<ExitCode> {
         let run_tag = run_tag.clone();
         tasks.push(tokio::spawn(ingest_connection(
             addr,
+            load,
             conn,
             device,
             run_tag,
@@ -460,8 +513,12 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<ExitCode> {
         );
     } else {
         println!(
-            "ingest: {} connections, {} devices, {:.1} s measured after {:.1} s warm-up",
-            args.connections, args.devices, args.duration, args.warmup
+            "{}: {} connections, {} devices, {:.1} s measured after {:.1} s warm-up",
+            if load == Load::Polls { "poll" } else { "ingest" },
+            args.connections,
+            args.devices,
+            args.duration,
+            args.warmup
         );
         println!("  requests/s  {rps:.1} ({} ok)", total.ok);
         println!("  non-200     {}", total.non_200);
@@ -519,6 +576,7 @@ async fn handshake_all(
 
 async fn ingest_connection(
     addr: SocketAddr,
+    load: Load,
     conn: usize,
     device: Credentials,
     run_tag: String,
@@ -540,7 +598,20 @@ async fn ingest_connection(
     let mut response = Response::default();
     let mut counts = [0u64; 3];
     let mut seq: u64 = 0;
+    let poll_path = format!("/api/device/{}/commands/", device.device_id);
     while tokio::time::Instant::now() < end {
+        if load == Load::Polls {
+            let sent = tokio::time::Instant::now();
+            let outcome = tokio::time::timeout_at(
+                end,
+                client.send_into("GET", &poll_path, &headers[1..], b"", &mut response),
+            )
+            .await;
+            if !stats.record(outcome, sent, measure_from, &response).await {
+                break;
+            }
+            continue;
+        }
         let t = (seq % 3) as usize;
         counts[t] += 1;
         body.clear();
@@ -569,35 +640,8 @@ async fn ingest_connection(
             ),
         )
         .await;
-        let measured = sent >= measure_from;
-        match outcome {
-            // Cut off by the end of the run: neither a success nor an error.
-            Err(_) => break,
-            Ok(Err(err)) => {
-                if measured {
-                    stats.errors += 1;
-                }
-                stats.first_error.get_or_insert_with(|| err.to_string());
-                // Do not spin against a server that refuses connections.
-                let pause = tokio::time::Instant::now() + Duration::from_millis(20);
-                tokio::time::sleep_until(pause.min(end)).await;
-            }
-            Ok(Ok(())) => {
-                let micros = sent.elapsed().as_micros().min(u128::from(u32::MAX)) as u32;
-                if response.status == 200 {
-                    if measured {
-                        stats.ok += 1;
-                        stats.latencies.push(micros);
-                    }
-                } else {
-                    if measured {
-                        stats.non_200 += 1;
-                    }
-                    stats
-                        .first_non_200
-                        .get_or_insert_with(|| format!("{} {}", response.status, response.text()));
-                }
-            }
+        if !stats.record(outcome, sent, measure_from, &response).await {
+            break;
         }
     }
     stats
