@@ -514,7 +514,11 @@ async fn ingest(args: IngestArgs, load: Load) -> anyhow::Result<ExitCode> {
     } else {
         println!(
             "{}: {} connections, {} devices, {:.1} s measured after {:.1} s warm-up",
-            if load == Load::Polls { "poll" } else { "ingest" },
+            if load == Load::Polls {
+                "poll"
+            } else {
+                "ingest"
+            },
             args.connections,
             args.devices,
             args.duration,

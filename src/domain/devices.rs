@@ -277,11 +277,8 @@ pub async fn handshake(
         created_at: Set(now),
         ..Default::default()
     })
-    .on_conflict(
-        OnConflict::column(device::Column::Mac)
-            .do_nothing()
-            .to_owned(),
-    )
+    // Any unique key: `device_id` defaults to the MAC, so both collide.
+    .on_conflict(OnConflict::new().do_nothing().to_owned())
     .exec_without_returning(&*txn)
     .await?
         == 1;
@@ -454,11 +451,8 @@ pub async fn register(
         created_at: Set(now),
         ..Default::default()
     })
-    .on_conflict(
-        OnConflict::column(device::Column::Mac)
-            .do_nothing()
-            .to_owned(),
-    )
+    // Any unique key: `device_id` defaults to the MAC, so both collide.
+    .on_conflict(OnConflict::new().do_nothing().to_owned())
     .exec_without_returning(conn)
     .await?;
     let device = device::Entity::find()
