@@ -6,7 +6,7 @@ use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 use anyhow::Context;
 use migration::MigratorTrait;
 use poem::{
-    listener::{Acceptor, Listener, TcpAcceptor, TcpListener},
+    listener::{Acceptor, AcceptorExt, Listener, TcpAcceptor, TcpListener},
     Server,
 };
 use tokio::{sync::watch, task::JoinHandle};
@@ -16,7 +16,11 @@ use crate::{
     config::Settings,
     db::Db,
     domain::{commands, devices::TokenCache, events::Ingestor, notify::Notifier},
-    http::{self, limits::Limits},
+    http::{
+        self,
+        limits::Limits,
+        tls::{TlsAcceptor, TlsFiles},
+    },
 };
 
 pub struct Application {
@@ -29,6 +33,8 @@ pub struct Application {
     housekeeper: JoinHandle<()>,
     upkeep: JoinHandle<()>,
     metrics_acceptor: Option<TcpAcceptor>,
+    tls: Option<(TlsAcceptor, TlsFiles)>,
+    https_addr: Option<SocketAddr>,
     metrics_addr: Option<SocketAddr>,
     stop_background: watch::Sender<bool>,
 }
@@ -76,6 +82,24 @@ impl Application {
             }
             None => (None, None),
         };
+        let (tls, https_addr) = match &settings.https_addr {
+            Some(addr) => {
+                let (Some(cert), Some(key)) = (&settings.tls_cert, &settings.tls_key) else {
+                    anyhow::bail!("https_addr needs tls_cert and tls_key");
+                };
+                let files = TlsFiles::load(cert.as_ref(), key.as_ref())?;
+                let tcp = TcpListener::bind(addr.clone())
+                    .into_acceptor()
+                    .await
+                    .with_context(|| format!("cannot listen on {addr} (https_addr)"))?;
+                let bound = tcp
+                    .local_addr()
+                    .first()
+                    .and_then(|a| a.as_socket_addr().copied());
+                (Some((TlsAcceptor::new(tcp, files.clone()), files)), bound)
+            }
+            None => (None, None),
+        };
         let (ingestor, ingest_task) = Ingestor::start(db.clone(), settings.ingest_batch_max);
         let (stop_background, stopped) = watch::channel(false);
         let notifier = Notifier::default();
@@ -109,12 +133,19 @@ impl Application {
             upkeep,
             metrics_acceptor,
             metrics_addr,
+            tls,
+            https_addr,
             stop_background,
         })
     }
 
     pub fn http_addr(&self) -> SocketAddr {
         self.http_addr
+    }
+
+    /// Where the HTTPS listener listens, when `https_addr` is set.
+    pub fn https_addr(&self) -> Option<SocketAddr> {
+        self.https_addr
     }
 
     /// Where the dedicated `/metrics` listener listens, when `metrics_addr` is set.
@@ -150,7 +181,14 @@ impl Application {
                 }
             })
         });
-        Server::new_with_acceptor(self.acceptor)
+        let (acceptor, reloader) = match self.tls {
+            Some((tls, files)) => (
+                self.acceptor.combine(tls).boxed(),
+                Some(files.spawn_reloader(self.stop_background.subscribe())),
+            ),
+            None => (self.acceptor.boxed(), None),
+        };
+        Server::new_with_acceptor(acceptor)
             .idle_timeout(idle)
             .run_with_graceful_shutdown(app, shutdown, Some(Duration::from_secs(10)))
             .await
@@ -168,6 +206,9 @@ impl Application {
         let _ = self.checkpointer.await;
         let _ = self.housekeeper.await;
         let _ = self.upkeep.await;
+        if let Some(reloader) = reloader {
+            let _ = reloader.await;
+        }
         // Closing the pools checkpoints SQLite's WAL back into the database file.
         if let Err(err) = self.state.db.clone().close().await {
             tracing::warn!(error = %err, "closing the database failed");

@@ -9,6 +9,7 @@ use std::{
     time::Duration,
 };
 
+use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
@@ -61,6 +62,15 @@ pub enum Command {
     /// Queue commands for devices.
     #[command(subcommand)]
     Command(CommandCommand),
+    /// Write a consistent copy of the SQLite database to FILE, also while the server runs.
+    Backup {
+        /// Where the copy goes; must not exist yet.
+        file: PathBuf,
+    },
+    /// Check the configuration, that the database answers and that its migrations are
+    /// current. Exit code: 0 ok, 2 configuration invalid, 3 database unreachable, 4 migrations
+    /// not current.
+    Check,
 }
 
 #[derive(Debug, Args)]
@@ -137,7 +147,10 @@ pub fn main(cli: Cli) -> ExitCode {
     let command = cli.command.unwrap_or(Command::Serve);
     // Operator commands print their result; routine progress (migrations) would only clutter it.
     let quiet = !matches!(command, Command::Serve) && settings.log == Settings::default().log;
-    init_tracing(if quiet { "warn" } else { &settings.log });
+    init_tracing(
+        if quiet { "warn" } else { &settings.log },
+        settings.log_format == "json",
+    );
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -148,6 +161,9 @@ pub fn main(cli: Cli) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Command::Check = command {
+        return runtime.block_on(check(&settings));
+    }
     match runtime.block_on(run(command, settings)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
@@ -157,17 +173,108 @@ pub fn main(cli: Cli) -> ExitCode {
     }
 }
 
-fn init_tracing(filter: &str) {
+fn init_tracing(filter: &str, json: bool) {
     let filter = std::env::var("RUST_LOG")
         .ok()
         .and_then(|f| EnvFilter::try_new(f).ok())
         .or_else(|| EnvFilter::try_new(filter).ok())
         .unwrap_or_else(|| EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        builder.json().flatten_event(true).try_init()
+    } else {
+        builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init()
+    };
+}
+
+/// `ozone check`: prints one line per check on stdout; the exit code says which failed.
+async fn check(settings: &Settings) -> ExitCode {
+    use migration::MigratorTrait;
+
+    println!("configuration: ok");
+    let url = crate::config::redact_url(&settings.database_url);
+    if let Some(file) = crate::db::sqlite_file(&settings.database_url) {
+        if !file.is_file() {
+            println!(
+                "database: {url}: the file {} does not exist (the server creates it on start)",
+                file.display()
+            );
+            return ExitCode::from(3);
+        }
+    }
+    let db = match crate::db::Db::connect(&settings.database_url, 1).await {
+        Ok(db) => db,
+        Err(err) => {
+            println!("database: {url}: unreachable: {err}");
+            return ExitCode::from(3);
+        }
+    };
+    if let Err(err) = db.ping().await {
+        println!("database: {url}: unreachable: {err}");
+        return ExitCode::from(3);
+    }
+    println!("database: {url}: ok");
+    let pending = migration::Migrator::get_pending_migrations_read_only(db.conn()).await;
+    let _ = db.close().await;
+    match pending {
+        Ok(pending) => {
+            let pending: Vec<&str> = pending.iter().map(|m| m.name()).collect();
+            if pending.is_empty() {
+                println!(
+                    "migrations: {} applied, none pending",
+                    migration::Migrator::migrations().len()
+                );
+                ExitCode::SUCCESS
+            } else {
+                println!(
+                    "migrations: {} pending ({}); run `ozone migrate` or start the server",
+                    pending.len(),
+                    pending.join(", ")
+                );
+                ExitCode::from(4)
+            }
+        }
+        Err(err) => {
+            // Typically a database migrated by a newer version of Ozone.
+            println!("migrations: {err}");
+            ExitCode::from(4)
+        }
+    }
+}
+
+/// `ozone backup FILE`.
+async fn backup(settings: &Settings, file: &std::path::Path) -> anyhow::Result<()> {
+    let url = crate::config::redact_url(&settings.database_url);
+    let Some(source) = crate::db::sqlite_file(&settings.database_url) else {
+        anyhow::bail!(
+            "`ozone backup` copies SQLite databases; for {url} use PostgreSQL's own tools, \
+             e.g. `pg_dump --format=custom --file ozone.dump <database URL>`"
+        );
+    };
+    anyhow::ensure!(
+        source.is_file(),
+        "the database file {} does not exist",
+        source.display()
+    );
+    anyhow::ensure!(
+        !file.exists(),
+        "{} already exists; choose a new file",
+        file.display()
+    );
+    let db = crate::db::Db::connect(&settings.database_url, 1).await?;
+    let result = db.backup_sqlite(file).await;
+    db.close().await?;
+    result.with_context(|| format!("backup to {} failed", file.display()))?;
+    let bytes = std::fs::metadata(file).map(|m| m.len()).unwrap_or(0);
+    println!(
+        "backup of {url} written to {} ({bytes} bytes)",
+        file.display()
+    );
+    Ok(())
 }
 
 async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
@@ -180,6 +287,8 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Createsuperuser(args) => create_superuser(settings, args).await,
+        Command::Backup { file } => backup(&settings, &file).await,
+        Command::Check => Ok(()),
         Command::Device(cmd) => device(settings, cmd).await,
         Command::Command(CommandCommand::Send {
             device_id,

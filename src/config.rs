@@ -54,6 +54,8 @@ pub struct Settings {
     pub legacy_networks: Vec<ipnet::IpNet>,
     /// Log filter, in `RUST_LOG` syntax.
     pub log: String,
+    /// `text` (human-readable) or `json` (one JSON object per line, for log collectors).
+    pub log_format: String,
     /// Reverse proxies (addresses or CIDR ranges, a list or a comma-separated string) whose
     /// `Forwarded` / `X-Forwarded-For` headers name the real client address for the limits.
     #[serde(deserialize_with = "list_or_commas")]
@@ -71,6 +73,13 @@ pub struct Settings {
     pub limit_iot_per_addr: u32,
     /// Bearer token a `/metrics` scrape must present. Never printed.
     pub metrics_token: Option<String>,
+    /// An HTTPS listener (e.g. `0.0.0.0:8443`) serving the same routes as `http_addr`, with
+    /// `tls_cert` and `tls_key`; both are read again on SIGHUP.
+    pub https_addr: Option<String>,
+    /// PEM certificate chain for `https_addr` (leaf first).
+    pub tls_cert: Option<String>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) for `https_addr`.
+    pub tls_key: Option<String>,
     /// A listener of its own for `/metrics` (e.g. `127.0.0.1:9100`); the main listener then
     /// answers 404 there. With neither this nor a token, only loopback clients may scrape.
     pub metrics_addr: Option<String>,
@@ -118,6 +127,7 @@ impl Default for Settings {
             legacy_iot: Default::default(),
             legacy_networks: Vec::new(),
             log: "info".into(),
+            log_format: "text".into(),
             trusted_proxies: Vec::new(),
             limit_window_secs: 60,
             limit_handshakes_per_addr: 1200,
@@ -126,6 +136,9 @@ impl Default for Settings {
             limit_iot_per_addr: 6000,
             metrics_token: None,
             metrics_addr: None,
+            https_addr: None,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -184,10 +197,18 @@ impl Settings {
             "online_threshold_secs must not exceed idle_threshold_secs"
         );
         anyhow::ensure!(
+            matches!(self.log_format.as_str(), "text" | "json"),
+            "log_format must be `text` or `json`"
+        );
+        anyhow::ensure!(
             self.limit_window_secs >= 1,
             "limit_window_secs must be >= 1"
         );
         crate::http::limits::TrustedProxies::parse(&self.trusted_proxies)?;
+        anyhow::ensure!(
+            self.https_addr.is_none() || (self.tls_cert.is_some() && self.tls_key.is_some()),
+            "https_addr needs tls_cert and tls_key"
+        );
         Ok(())
     }
 
@@ -246,6 +267,7 @@ impl fmt::Debug for Settings {
             .field("legacy_iot", &self.legacy_iot)
             .field("legacy_networks", &self.legacy_networks)
             .field("log", &self.log)
+            .field("log_format", &self.log_format)
             .field("trusted_proxies", &self.trusted_proxies)
             .field("limit_window_secs", &self.limit_window_secs)
             .field("limit_handshakes_per_addr", &self.limit_handshakes_per_addr)
@@ -254,6 +276,9 @@ impl fmt::Debug for Settings {
             .field("limit_iot_per_addr", &self.limit_iot_per_addr)
             .field("metrics_token", &self.metrics_token.as_ref().map(|_| "***"))
             .field("metrics_addr", &self.metrics_addr)
+            .field("https_addr", &self.https_addr)
+            .field("tls_cert", &self.tls_cert)
+            .field("tls_key", &self.tls_key)
             .finish()
     }
 }

@@ -57,6 +57,18 @@ impl Default for DbOptions {
     }
 }
 
+/// The file of a `sqlite:` URL (`None` for in-memory databases and other backends).
+pub fn sqlite_file(url: &str) -> Option<std::path::PathBuf> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))?;
+    let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+    if path.is_empty() || path == ":memory:" || query.contains("mode=memory") {
+        return None;
+    }
+    Some(path.into())
+}
+
 #[derive(Clone)]
 pub struct Db {
     /// Readers (and, on PostgreSQL, writers too).
@@ -182,6 +194,26 @@ impl Db {
         };
         let idle = u32::try_from(idle).unwrap_or(u32::MAX);
         (size.saturating_sub(idle), idle)
+    }
+
+    pub fn is_sqlite(&self) -> bool {
+        self.write_lock.is_some()
+    }
+
+    /// Writes a consistent copy of a SQLite database to `path` with `VACUUM INTO`: it reads
+    /// one snapshot, so it is safe while the server runs, and WAL writers are not blocked.
+    pub async fn backup_sqlite(&self, path: &std::path::Path) -> Result<(), DbErr> {
+        let path = path
+            .to_str()
+            .ok_or_else(|| DbErr::Custom("the backup path is not valid UTF-8".into()))?;
+        self.conn
+            .execute_raw(sea_orm::Statement::from_sql_and_values(
+                sea_orm::DbBackend::Sqlite,
+                "VACUUM INTO ?",
+                [path.into()],
+            ))
+            .await
+            .map(|_| ())
     }
 
     pub async fn ping(&self) -> Result<(), DbErr> {

@@ -6,6 +6,7 @@ mod firmware;
 mod health;
 pub mod limits;
 pub mod metrics;
+pub mod tls;
 
 use std::sync::Arc;
 

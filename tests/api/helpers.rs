@@ -10,22 +10,67 @@ pub struct TestApp {
     pub addr: SocketAddr,
     /// The dedicated `/metrics` listener, when `metrics_addr` is set.
     pub metrics_addr: Option<SocketAddr>,
+    /// The HTTPS listener, when `https_addr` is set.
+    pub https_addr: Option<SocketAddr>,
     pub base: String,
     pub database_url: String,
     pub http: reqwest::Client,
     pub state: Arc<AppState>,
     stop: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<anyhow::Result<()>>>,
-    _dir: tempfile::TempDir,
+    /// Dropped after the server is told to stop (see `Drop`).
+    resources: Option<TestResources>,
 }
 
 pub async fn spawn_app() -> TestApp {
     spawn_app_with(|_| {}).await
 }
 
+/// What one test owns and gives back when it ends: a temporary directory (and the SQLite file
+/// in it), or a database on the PostgreSQL server, dropped with the test.
+pub struct TestResources {
+    _dir: tempfile::TempDir,
+    _database: Option<PostgresDatabase>,
+}
+
+/// A database made for one test on `OZONE_TEST_DATABASE_URL`; dropped when the test ends.
+struct PostgresDatabase {
+    admin_url: String,
+    name: String,
+}
+
+impl Drop for PostgresDatabase {
+    fn drop(&mut self) {
+        use sea_orm::ConnectionTrait;
+        let admin_url = self.admin_url.clone();
+        let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
+        // The test's runtime may be ending: drop on a thread with a runtime of its own.
+        // `WITH (FORCE)` closes connections a still-running server holds.
+        let dropped = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?;
+            runtime.block_on(async {
+                let admin = sea_orm::Database::connect(admin_url.as_str())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let result = admin.execute_unprepared(&sql).await;
+                let _ = admin.close().await;
+                result.map(|_| ()).map_err(|e| e.to_string())
+            })
+        })
+        .join();
+        if !matches!(dropped, Ok(Ok(()))) {
+            eprintln!("test database {} was not dropped: {dropped:?}", self.name);
+        }
+    }
+}
+
 /// A fresh database for one test: a SQLite file in a temporary directory, or, when
 /// `OZONE_TEST_DATABASE_URL` names a PostgreSQL server, a new database on it.
-async fn fresh_database(dir: &std::path::Path) -> String {
+async fn fresh_database() -> (String, TestResources) {
+    let dir = tempfile::tempdir().expect("temp dir");
     match std::env::var("OZONE_TEST_DATABASE_URL") {
         Ok(admin_url) if admin_url.starts_with("postgres") => {
             use sea_orm::ConnectionTrait;
@@ -42,16 +87,32 @@ async fn fresh_database(dir: &std::path::Path) -> String {
                 .rsplit_once('/')
                 .map(|(base, _)| base)
                 .expect("URL with a database name");
-            format!("{base}/{name}")
+            let url = format!("{base}/{name}");
+            let database = PostgresDatabase { admin_url, name };
+            (
+                url,
+                TestResources {
+                    _dir: dir,
+                    _database: Some(database),
+                },
+            )
         }
-        _ => format!("sqlite://{}?mode=rwc", dir.join("ozone.db").display()),
+        _ => (
+            format!(
+                "sqlite://{}?mode=rwc",
+                dir.path().join("ozone.db").display()
+            ),
+            TestResources {
+                _dir: dir,
+                _database: None,
+            },
+        ),
     }
 }
 
 pub async fn spawn_app_with(configure: impl FnOnce(&mut Settings)) -> TestApp {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let database_url = fresh_database(dir.path()).await;
-    spawn_app_on(database_url, dir, configure).await
+    let (database_url, resources) = fresh_database().await;
+    spawn_app_on(database_url, resources, configure).await
 }
 
 /// Whether the suite runs on PostgreSQL (`OZONE_TEST_DATABASE_URL`).
@@ -63,14 +124,17 @@ impl TestApp {
     /// A second application instance on this app's database, as another replica would be,
     /// with its own settings.
     pub async fn replica_with(&self, configure: impl FnOnce(&mut Settings)) -> TestApp {
-        let dir = tempfile::tempdir().expect("temp dir");
-        spawn_app_on(self.database_url.clone(), dir, configure).await
+        let resources = TestResources {
+            _dir: tempfile::tempdir().expect("temp dir"),
+            _database: None,
+        };
+        spawn_app_on(self.database_url.clone(), resources, configure).await
     }
 }
 
 async fn spawn_app_on(
     database_url: String,
-    dir: tempfile::TempDir,
+    resources: TestResources,
     configure: impl FnOnce(&mut Settings),
 ) -> TestApp {
     let mut settings = Settings {
@@ -83,6 +147,7 @@ async fn spawn_app_on(
     let app = Application::build(settings).await.expect("app builds");
     let addr = app.http_addr();
     let metrics_addr = app.metrics_addr();
+    let https_addr = app.https_addr();
     let state = app.state();
     let (stop, stopped) = oneshot::channel::<()>();
     let server = tokio::spawn(app.run_until_stopped(async {
@@ -91,13 +156,14 @@ async fn spawn_app_on(
     TestApp {
         addr,
         metrics_addr,
+        https_addr,
         base: format!("http://{addr}"),
         database_url,
         http: reqwest::Client::new(),
         state,
         stop: Some(stop),
         server: Some(server),
-        _dir: dir,
+        resources: Some(resources),
     }
 }
 
@@ -274,18 +340,17 @@ impl TestApp {
                 .expect("server task")
                 .expect("server stops cleanly");
         }
-        let dir = tempfile::tempdir().expect("temp dir");
-        let moved = std::mem::replace(&mut self._dir, dir);
         StoppedApp {
             database_url: self.database_url.clone(),
-            _dir: moved,
+            _resources: self.resources.take(),
         }
     }
 }
 
+/// A stopped app's database, kept for inspection until this is dropped.
 pub struct StoppedApp {
     pub database_url: String,
-    _dir: tempfile::TempDir,
+    _resources: Option<TestResources>,
 }
 
 impl Drop for TestApp {

@@ -12,6 +12,8 @@ mod handshake;
 mod legacy;
 mod limits;
 mod metrics;
+mod operations;
 mod ordering;
 mod server;
 mod stats;
+mod tls;
