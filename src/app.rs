@@ -15,10 +15,11 @@ pub use crate::state::AppState;
 use crate::{
     config::Settings,
     db::Db,
-    domain::{commands, devices::TokenCache, events::Ingestor, notify::Notifier},
+    domain::{auth::AuthKeys, commands, devices::TokenCache, events::Ingestor, notify::Notifier},
     http::{
         self,
         limits::Limits,
+        staff::auth::LoginLimits,
         tls::{TlsAcceptor, TlsFiles},
     },
 };
@@ -59,6 +60,13 @@ impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Application> {
         let limits = Limits::from_settings(&settings)?;
         let db = open_database(&settings).await?;
+        let auth = AuthKeys::load(
+            &db,
+            settings.jwt_secret.as_deref(),
+            chrono::Duration::seconds(settings.jwt_ttl_secs as i64),
+        )
+        .await
+        .context("cannot load the JWT signing key")?;
         let acceptor = TcpListener::bind(settings.http_addr.clone())
             .into_acceptor()
             .await
@@ -111,6 +119,7 @@ impl Application {
         );
         let checkpointer = spawn_checkpointer(db.clone(), stopped.clone());
         let tokens = TokenCache::new(Duration::from_millis(settings.token_cache_ttl_ms));
+        let login_limits = LoginLimits::new(settings.login_attempts_per_minute);
         let state = Arc::new(AppState {
             legacy: settings.legacy_policy(),
             settings,
@@ -119,6 +128,8 @@ impl Application {
             tokens,
             notifier,
             limits,
+            auth,
+            login_limits,
         });
         let upkeep = http::metrics::spawn_upkeep(stopped.clone());
         let housekeeper = spawn_housekeeper(state.clone(), stopped);
@@ -242,7 +253,10 @@ fn spawn_housekeeper(state: Arc<AppState>, mut stop: watch::Receiver<bool>) -> J
         ticker.tick().await;
         loop {
             tokio::select! {
-                _ = ticker.tick() => state.limits.housekeep(),
+                _ = ticker.tick() => {
+                    state.limits.housekeep();
+                    state.login_limits.housekeep();
+                }
                 _ = stop.changed() => break,
             }
         }

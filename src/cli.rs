@@ -71,6 +71,12 @@ pub enum Command {
     /// current. Exit code: 0 ok, 2 configuration invalid, 3 database unreachable, 4 migrations
     /// not current.
     Check,
+    /// Print the OpenAPI spec of the HTTP API (what `/openapi.json` serves).
+    Openapi {
+        /// YAML instead of JSON.
+        #[arg(long)]
+        yaml: bool,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -132,6 +138,16 @@ pub enum CommandCommand {
 }
 
 pub fn main(cli: Cli) -> ExitCode {
+    // Needs no configuration and no database.
+    if let Some(Command::Openapi { yaml }) = cli.command {
+        let spec = if yaml {
+            crate::http::staff::spec_yaml()
+        } else {
+            crate::http::staff::spec_json()
+        };
+        println!("{spec}");
+        return ExitCode::SUCCESS;
+    }
     let overrides = Overrides {
         http_addr: cli.http_addr.clone(),
         mqtt_addr: cli.mqtt_addr.clone(),
@@ -290,6 +306,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
         Command::Backup { file } => backup(&settings, &file).await,
         Command::Check => Ok(()),
         Command::Device(cmd) => device(settings, cmd).await,
+        Command::Openapi { .. } => Ok(()),
         Command::Command(CommandCommand::Send {
             device_id,
             command_type,

@@ -52,6 +52,23 @@ pub struct Settings {
     /// Client networks (CIDR) allowed to post the legacy form and to handshake without the
     /// device's current token; empty allows all.
     pub legacy_networks: Vec<ipnet::IpNet>,
+    /// HS256 key for staff JWTs. When unset, one is generated once and kept in the database,
+    /// so restarts keep sessions. Never printed.
+    pub jwt_secret: Option<String>,
+    /// Lifetime of a staff login (seconds).
+    pub jwt_ttl_secs: u64,
+    /// Lets anyone create an (unprivileged) account with `POST /api/auth/register/`; when off,
+    /// only staff can register users.
+    pub open_registration: bool,
+    /// Marks the session cookie `Secure` (set when the server is reached over HTTPS).
+    pub secure_cookies: bool,
+    /// Origins allowed to call the staff API from a browser, with credentials (e.g.
+    /// `https://admin.example.com`; a list or a comma-separated string). Empty: same origin
+    /// only.
+    #[serde(deserialize_with = "list_or_commas")]
+    pub cors_allowed_origins: Vec<String>,
+    /// Login attempts allowed per minute, per client address and per user name.
+    pub login_attempts_per_minute: u32,
     /// Log filter, in `RUST_LOG` syntax.
     pub log: String,
     /// `text` (human-readable) or `json` (one JSON object per line, for log collectors).
@@ -126,6 +143,12 @@ impl Default for Settings {
             max_command_retries: 5,
             legacy_iot: Default::default(),
             legacy_networks: Vec::new(),
+            jwt_secret: None,
+            jwt_ttl_secs: 24 * 3600,
+            open_registration: false,
+            secure_cookies: false,
+            cors_allowed_origins: Vec::new(),
+            login_attempts_per_minute: 10,
             log: "info".into(),
             log_format: "text".into(),
             trusted_proxies: Vec::new(),
@@ -192,6 +215,14 @@ impl Settings {
             self.http_idle_timeout_secs >= 1,
             "http_idle_timeout_secs must be >= 1"
         );
+        anyhow::ensure!(self.jwt_ttl_secs >= 60, "jwt_ttl_secs must be >= 60");
+        anyhow::ensure!(
+            self.login_attempts_per_minute >= 1,
+            "login_attempts_per_minute must be >= 1"
+        );
+        if let Some(secret) = &self.jwt_secret {
+            anyhow::ensure!(secret.len() >= 32, "jwt_secret must be at least 32 bytes");
+        }
         anyhow::ensure!(
             self.online_threshold_secs <= self.idle_threshold_secs,
             "online_threshold_secs must not exceed idle_threshold_secs"
@@ -266,6 +297,12 @@ impl fmt::Debug for Settings {
             .field("max_command_retries", &self.max_command_retries)
             .field("legacy_iot", &self.legacy_iot)
             .field("legacy_networks", &self.legacy_networks)
+            .field("jwt_secret", &self.jwt_secret.as_ref().map(|_| "***"))
+            .field("jwt_ttl_secs", &self.jwt_ttl_secs)
+            .field("open_registration", &self.open_registration)
+            .field("secure_cookies", &self.secure_cookies)
+            .field("cors_allowed_origins", &self.cors_allowed_origins)
+            .field("login_attempts_per_minute", &self.login_attempts_per_minute)
             .field("log", &self.log)
             .field("log_format", &self.log_format)
             .field("trusted_proxies", &self.trusted_proxies)

@@ -13,6 +13,7 @@ pub enum Entity {
     Machine,
     Outlet,
     User,
+    ApiToken,
 }
 
 impl Entity {
@@ -23,6 +24,7 @@ impl Entity {
             Entity::Machine => "machine",
             Entity::Outlet => "outlet",
             Entity::User => "user",
+            Entity::ApiToken => "API token",
         }
     }
 }
@@ -49,9 +51,14 @@ pub enum Error {
     Invalid { code: &'static str, detail: String },
     #[error("{detail}")]
     Conflict { code: &'static str, detail: String },
-    /// Refused by policy whoever asks (a setting, an address not allowed).
+    /// Refused by policy whoever asks (a setting, an address not allowed), or an
+    /// authenticated staff user without the role an action needs.
     #[error("{detail}")]
     Forbidden { code: &'static str, detail: String },
+    /// A staff credential that is missing, invalid, expired, revoked or whose user is
+    /// deactivated; `code` says which.
+    #[error("{detail}")]
+    Unauthenticated { code: &'static str, detail: String },
     #[error("the service is shutting down")]
     Unavailable,
     /// An abuse limit refused the request; `limit` names it in logs and metrics.
@@ -91,6 +98,27 @@ impl Error {
         }
     }
 
+    pub fn unauthenticated(code: &'static str, detail: impl Into<String>) -> Self {
+        Error::Unauthenticated {
+            code,
+            detail: detail.into(),
+        }
+    }
+
+    pub fn forbidden(code: &'static str, detail: impl Into<String>) -> Self {
+        Error::Forbidden {
+            code,
+            detail: detail.into(),
+        }
+    }
+
+    pub fn conflict(code: &'static str, detail: impl Into<String>) -> Self {
+        Error::Conflict {
+            code,
+            detail: detail.into(),
+        }
+    }
+
     pub fn not_found(entity: Entity, id: impl Into<String>) -> Self {
         Error::NotFound {
             entity,
@@ -112,10 +140,12 @@ impl Error {
                 Entity::Machine => "machine_not_found",
                 Entity::Outlet => "outlet_not_found",
                 Entity::User => "user_not_found",
+                Entity::ApiToken => "api_token_not_found",
             },
             Error::Malformed { code, .. }
             | Error::Invalid { code, .. }
             | Error::Conflict { code, .. }
+            | Error::Unauthenticated { code, .. }
             | Error::Forbidden { code, .. } => code,
             Error::Unavailable => "unavailable",
             Error::RateLimited { .. } => "rate_limited",

@@ -4,8 +4,11 @@
 use crate::{
     config::Settings,
     db::Db,
-    domain::{devices::TokenCache, events::Ingestor, notify::Notifier, trust::LegacyPolicy},
-    http::limits::Limits,
+    domain::{
+        auth::AuthKeys, devices::TokenCache, events::Ingestor, notify::Notifier,
+        trust::LegacyPolicy,
+    },
+    http::{limits::Limits, staff::auth::LoginLimits},
 };
 
 pub struct AppState {
@@ -18,4 +21,8 @@ pub struct AppState {
     pub legacy: LegacyPolicy,
     /// Abuse limits and the trusted proxies that reveal client addresses.
     pub limits: Limits,
+    /// Signing keys of staff JWTs.
+    pub auth: AuthKeys,
+    /// Staff login attempts per client address and per user name.
+    pub login_limits: LoginLimits,
 }

@@ -5,6 +5,7 @@ pub use sea_orm_migration::prelude::*;
 
 mod m20261127_000001_create_schema;
 mod m20261202_000001_ordered_state;
+mod m20261202_000002_staff;
 mod m20261202_000005_rollup;
 
 pub struct Migrator;
@@ -15,6 +16,7 @@ impl MigratorTrait for Migrator {
         vec![
             Box::new(m20261127_000001_create_schema::Migration),
             Box::new(m20261202_000001_ordered_state::Migration),
+            Box::new(m20261202_000002_staff::Migration),
             Box::new(m20261202_000005_rollup::Migration),
         ]
     }

@@ -666,3 +666,200 @@ mod tests {
         assert!(clean_command_type("rm -rf /").is_err());
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Staff reads and bulk creation.
+
+/// Filters of the command list.
+#[derive(Debug, Clone, Default)]
+pub struct CommandFilter {
+    /// The device's `device_id` (or MAC).
+    pub device_id: Option<String>,
+    pub status: Option<Status>,
+    pub command_type: Option<String>,
+}
+
+/// A command with its device's `device_id`.
+#[derive(Debug, Clone)]
+pub struct CommandView {
+    pub command: command::Model,
+    pub device_id: String,
+}
+
+/// Commands matching `filter`, newest first.
+pub async fn list(
+    db: &Db,
+    filter: CommandFilter,
+    page: crate::domain::queries::PageRequest,
+) -> Result<crate::domain::queries::Page<CommandView>> {
+    use crate::{db::entities::device, domain::queries};
+    use sea_orm::QueryOrder;
+    let mut query = command::Entity::find()
+        .order_by_desc(command::Column::CreatedAt)
+        .order_by_desc(command::Column::Id);
+    if let Some(d) = &filter.device_id {
+        let device = devices::find_by_device_id(db.conn(), d).await?;
+        query = query.filter(command::Column::DeviceId.eq(device.id));
+    }
+    if let Some(s) = filter.status {
+        query = query.filter(command::Column::Status.eq(s.as_str()));
+    }
+    if let Some(t) = &filter.command_type {
+        query = query.filter(command::Column::CommandType.eq(t.trim().to_ascii_uppercase()));
+    }
+    let page = queries::paginate(db.conn(), query, page).await?;
+    let mut ids: Vec<i32> = page.items.iter().map(|c| c.device_id).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let names: std::collections::HashMap<i32, String> = if ids.is_empty() {
+        Default::default()
+    } else {
+        device::Entity::find()
+            .filter(device::Column::Id.is_in(ids))
+            .all(db.conn())
+            .await?
+            .into_iter()
+            .map(|d| (d.id, d.device_id))
+            .collect()
+    };
+    Ok(page.map(|command| CommandView {
+        device_id: names.get(&command.device_id).cloned().unwrap_or_default(),
+        command,
+    }))
+}
+
+/// One command with its device's id.
+pub async fn view(db: &Db, reference: &str) -> Result<CommandView> {
+    let command = find(db.conn(), reference).await?;
+    let device = crate::db::entities::device::Entity::find_by_id(command.device_id)
+        .one(db.conn())
+        .await?
+        .ok_or_else(|| Error::not_found(Entity::Device, command.device_id.to_string()))?;
+    Ok(CommandView {
+        command,
+        device_id: device.device_id,
+    })
+}
+
+/// Whom a bulk command goes to.
+#[derive(Debug, Clone)]
+pub enum BulkTarget {
+    Devices(Vec<String>),
+    Machines(Vec<i32>),
+    Outlet(i32),
+}
+
+/// A target a bulk command skipped, and why.
+#[derive(Debug, Clone)]
+pub struct Skipped {
+    /// The device id, `machine:<id>` or `outlet:<id>`.
+    pub target: String,
+    pub code: &'static str,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct BulkOutcome {
+    pub created: Vec<CommandView>,
+    pub skipped: Vec<Skipped>,
+}
+
+/// Most devices one bulk request may address.
+pub const BULK_MAX: usize = 1000;
+
+/// Queues the same command for several devices (named directly, by machine, or every machine
+/// of an outlet). Each is created like a single command, so connected devices get it at once;
+/// targets that cannot take it are reported, not fatal.
+pub async fn bulk(
+    db: &Db,
+    notifier: &Notifier,
+    target: BulkTarget,
+    new: NewCommand,
+) -> Result<BulkOutcome> {
+    use crate::db::entities::{device, machine, outlet};
+    use sea_orm::QueryOrder;
+    clean_command_type(&new.command_type)?;
+    let mut outcome = BulkOutcome::default();
+    let mut device_ids: Vec<String> = Vec::new();
+    let machines = match target {
+        BulkTarget::Devices(ids) => {
+            device_ids = ids;
+            Vec::new()
+        }
+        BulkTarget::Machines(ids) => {
+            let found = machine::Entity::find()
+                .filter(machine::Column::Id.is_in(ids.clone()))
+                .all(db.conn())
+                .await?;
+            for id in ids {
+                if !found.iter().any(|m| m.id == id) {
+                    outcome.skipped.push(Skipped {
+                        target: format!("machine:{id}"),
+                        code: "machine_not_found",
+                        detail: format!("machine `{id}` was not found"),
+                    });
+                }
+            }
+            found
+        }
+        BulkTarget::Outlet(id) => {
+            if outlet::Entity::find_by_id(id)
+                .one(db.conn())
+                .await?
+                .is_none()
+            {
+                return Err(Error::not_found(Entity::Outlet, id.to_string()));
+            }
+            machine::Entity::find()
+                .filter(machine::Column::OutletId.eq(id))
+                .order_by_asc(machine::Column::Id)
+                .all(db.conn())
+                .await?
+        }
+    };
+    let bound: Vec<i32> = machines
+        .iter()
+        .filter_map(|m| m.current_device_id)
+        .collect();
+    let names: std::collections::HashMap<i32, String> = if bound.is_empty() {
+        Default::default()
+    } else {
+        device::Entity::find()
+            .filter(device::Column::Id.is_in(bound))
+            .all(db.conn())
+            .await?
+            .into_iter()
+            .map(|d| (d.id, d.device_id))
+            .collect()
+    };
+    for m in &machines {
+        match m.current_device_id.and_then(|d| names.get(&d)) {
+            Some(name) => device_ids.push(name.clone()),
+            None => outcome.skipped.push(Skipped {
+                target: format!("machine:{}", m.id),
+                code: "machine_has_no_device",
+                detail: format!("machine {} ({}) carries no device", m.id, m.machine_code),
+            }),
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    device_ids.retain(|d| seen.insert(d.clone()));
+    if device_ids.len() > BULK_MAX {
+        return Err(Error::invalid(
+            "too_many_targets",
+            format!("a bulk command may address at most {BULK_MAX} devices"),
+        ));
+    }
+    for device_id in device_ids {
+        match create(db, notifier, &device_id, new.clone()).await {
+            Ok(command) => outcome.created.push(CommandView { command, device_id }),
+            Err(err @ Error::NotFound { .. }) => outcome.skipped.push(Skipped {
+                target: device_id,
+                code: err.code(),
+                detail: err.to_string(),
+            }),
+            Err(err) => return Err(err),
+        }
+    }
+    Ok(outcome)
+}

@@ -5,12 +5,13 @@ use serde_json::json;
 
 use crate::error::Error;
 
-fn status_of(err: &Error) -> StatusCode {
+pub(crate) fn status_of(err: &Error) -> StatusCode {
     match err {
         Error::MissingToken
         | Error::InvalidToken
         | Error::DeviceMismatch(_)
-        | Error::DeviceUnassigned(_) => StatusCode::UNAUTHORIZED,
+        | Error::DeviceUnassigned(_)
+        | Error::Unauthenticated { .. } => StatusCode::UNAUTHORIZED,
         Error::HandshakeRefused(_) | Error::Forbidden { .. } => StatusCode::FORBIDDEN,
         Error::NotFound { .. } => StatusCode::NOT_FOUND,
         Error::Malformed { .. } => StatusCode::BAD_REQUEST,
@@ -38,19 +39,25 @@ pub fn error_response(status: StatusCode, code: &str, detail: &str) -> Response 
     resp
 }
 
+/// The status, code and client-facing detail of an error. Internals are logged here, never
+/// sent.
+pub(crate) fn parts(err: &Error) -> (StatusCode, &'static str, String) {
+    let status = status_of(err);
+    if status.is_server_error() && status != StatusCode::SERVICE_UNAVAILABLE {
+        tracing::error!(error = %err, "request failed");
+        return (
+            status,
+            err.code(),
+            "an internal error occurred; it has been logged".to_owned(),
+        );
+    }
+    (status, err.code(), err.to_string())
+}
+
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
-        let status = status_of(&self);
-        if status.is_server_error() && status != StatusCode::SERVICE_UNAVAILABLE {
-            // Internals are logged, never sent.
-            tracing::error!(error = %self, "request failed");
-            return error_response(
-                status,
-                self.code(),
-                "an internal error occurred; it has been logged",
-            );
-        }
-        let mut resp = error_response(status, self.code(), &self.to_string());
+        let (status, code, detail) = parts(&self);
+        let mut resp = error_response(status, code, &detail);
         if let Error::RateLimited {
             retry_after_secs, ..
         } = self
@@ -77,6 +84,7 @@ pub async fn from_poem(err: poem::Error) -> Response {
     let status = err.status();
     let code = match status {
         StatusCode::NOT_FOUND => "not_found",
+        StatusCode::UNAUTHORIZED => "not_authenticated",
         StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
         StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
         StatusCode::BAD_REQUEST => "bad_request",

@@ -1,18 +1,21 @@
-//! HTTP transport: the firmware shim and health endpoints. Handlers parse, call the domain,
-//! and map its error once (see `error`).
+//! HTTP transport: the firmware shim, the staff API (`staff`, with its spec and Swagger UI)
+//! and health endpoints. Handlers parse, call the domain, and map its error once (see
+//! `error`).
 
-mod error;
+pub(crate) mod error;
 mod firmware;
 mod health;
 pub mod limits;
 pub mod metrics;
+pub mod staff;
 pub mod tls;
 
 use std::sync::Arc;
 
 use poem::{
-    middleware::{NormalizePath, TrailingSlash},
-    Endpoint, EndpointExt, IntoResponse, Request, Response, Route,
+    http::Method,
+    middleware::{Cors, NormalizePath, TrailingSlash},
+    Endpoint, EndpointExt, IntoEndpoint, IntoResponse, Request, Response, Route,
 };
 
 use crate::state::AppState;
@@ -20,14 +23,27 @@ use crate::state::AppState;
 pub use error::error_response;
 
 pub fn routes(state: Arc<AppState>) -> impl Endpoint {
+    // Browsers on other origins may call the API (with credentials) only when listed.
+    let origins = state.settings.cors_allowed_origins.clone();
+    let cors = Cors::new()
+        .allow_origins(origins.iter().map(String::as_str))
+        .allow_credentials(true);
+    let api = ApiRouter {
+        firmware: firmware::routes(),
+        staff: staff::service().into_endpoint(),
+    };
     Route::new()
-        .nest_no_strip("/api", firmware::routes())
+        .nest_no_strip("/api", api)
+        .at("/openapi.json", staff::spec_json_endpoint())
+        .at("/openapi.yaml", staff::spec_yaml_endpoint())
+        .at("/docs", staff::docs_endpoint())
         .at("/healthz", poem::get(health::healthz))
         .at("/readyz", poem::get(health::readyz))
         .at("/metrics", poem::get(metrics::metrics_endpoint))
         .with(NormalizePath::new(TrailingSlash::Trim))
         .data(state)
         .around(metrics::track)
+        .with_if(!origins.is_empty(), cors)
         .catch_all_error(error::from_poem)
         .around(access_log)
 }
@@ -39,6 +55,40 @@ pub fn metrics_routes(state: Arc<AppState>) -> impl Endpoint {
         .data(state)
         .data(metrics::OwnListener)
         .catch_all_error(error::from_poem)
+}
+
+/// Sends the firmware contract's requests to the firmware shim and everything else under
+/// `/api` to the staff API. Both use some of the same paths (`/api/events`: devices POST,
+/// staff GET; `/api/device/{id}/commands/…`), so the split is by method and path shape.
+struct ApiRouter<F, S> {
+    firmware: F,
+    staff: S,
+}
+
+fn is_firmware(method: &Method, path: &str) -> bool {
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match segments.as_slice() {
+        ["api", "handshake"] | ["api", "iot"] | ["api", "device", "events"] => true,
+        ["api", "events"] => method == Method::POST,
+        ["api", "device", _, "commands"] => true,
+        ["api", "device", _, "commands", command] => !matches!(*command, "create" | "status"),
+        _ => false,
+    }
+}
+
+impl<F: Endpoint, S: Endpoint> Endpoint for ApiRouter<F, S> {
+    type Output = Response;
+
+    async fn call(&self, req: Request) -> poem::Result<Response> {
+        if is_firmware(req.method(), req.uri().path()) {
+            self.firmware
+                .call(req)
+                .await
+                .map(IntoResponse::into_response)
+        } else {
+            self.staff.call(req).await.map(IntoResponse::into_response)
+        }
+    }
 }
 
 /// One line per request at debug level (`OZONE_LOG=ozone::http=debug`): what firmware

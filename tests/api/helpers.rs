@@ -176,8 +176,12 @@ impl Reply {
     async fn from(resp: reqwest::Response) -> Reply {
         let status = resp.status().as_u16();
         let text = resp.text().await.expect("body");
-        let body = serde_json::from_str(&text)
-            .unwrap_or_else(|_| panic!("response is not JSON (status {status}): {text}"));
+        let body = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text)
+                .unwrap_or_else(|_| panic!("response is not JSON (status {status}): {text}"))
+        };
         Reply { status, body }
     }
 
@@ -358,5 +362,73 @@ impl Drop for TestApp {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
+    }
+}
+
+/// A logged-in staff API user.
+pub struct Staff {
+    pub token: String,
+}
+
+impl TestApp {
+    /// Creates a user with the given roles and logs it in.
+    pub async fn user(&self, username: &str, is_staff: bool, is_superuser: bool) -> Staff {
+        ozone::domain::users::create(
+            &self.state.db,
+            ozone::domain::users::NewUser {
+                username: username.into(),
+                password: "correct horse battery".into(),
+                is_staff,
+                is_superuser,
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("create user");
+        let reply = self
+            .staff_call(
+                reqwest::Method::POST,
+                "/api/auth/login/",
+                None,
+                Some(&json!({"username": username, "password": "correct horse battery"})),
+            )
+            .await;
+        assert_eq!(reply.status, 200, "login: {}", reply.body);
+        Staff {
+            token: reply.body["token"].as_str().expect("token").to_owned(),
+        }
+    }
+
+    /// A staff (not superuser) account, logged in.
+    pub async fn staff(&self) -> Staff {
+        self.user("staff", true, false).await
+    }
+
+    /// A staff API call with an optional bearer token and JSON body.
+    pub async fn staff_call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&Value>,
+    ) -> Reply {
+        let mut req = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(token) = token {
+            req = req.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            req = req.json(body);
+        }
+        Reply::from(req.send().await.expect("request")).await
+    }
+
+    pub async fn staff_get(&self, path: &str, who: &Staff) -> Reply {
+        self.staff_call(reqwest::Method::GET, path, Some(&who.token), None)
+            .await
+    }
+
+    pub async fn staff_post(&self, path: &str, who: &Staff, body: &Value) -> Reply {
+        self.staff_call(reqwest::Method::POST, path, Some(&who.token), Some(body))
+            .await
     }
 }

@@ -1,5 +1,7 @@
 //! sea-orm entities, one per table of the migration crate.
 
+pub mod api_token;
+pub mod app_secret;
 pub mod command;
 pub mod device;
 pub mod device_status;
@@ -9,3 +11,4 @@ pub mod machine_outlet;
 pub mod outlet;
 pub mod telemetry_event;
 pub mod user;
+pub mod user_session;
