@@ -22,6 +22,8 @@ use crate::{
         staff::auth::LoginLimits,
         tls::{TlsAcceptor, TlsFiles},
     },
+    mqtt,
+    state::BrokerHealth,
 };
 
 pub struct Application {
@@ -38,6 +40,7 @@ pub struct Application {
     https_addr: Option<SocketAddr>,
     metrics_addr: Option<SocketAddr>,
     stop_background: watch::Sender<bool>,
+    broker: Option<mqtt::Broker>,
 }
 
 /// Opens the database and applies pending migrations.
@@ -120,6 +123,7 @@ impl Application {
         let checkpointer = spawn_checkpointer(db.clone(), stopped.clone());
         let tokens = TokenCache::new(Duration::from_millis(settings.token_cache_ttl_ms));
         let login_limits = LoginLimits::new(settings.login_attempts_per_minute);
+        let mqtt_enabled = settings.mqtt_enabled();
         let state = Arc::new(AppState {
             legacy: settings.legacy_policy(),
             settings,
@@ -130,7 +134,9 @@ impl Application {
             limits,
             auth,
             login_limits,
+            broker: BrokerHealth::new(mqtt_enabled),
         });
+        let broker = mqtt::Broker::start(state.clone()).await?;
         let upkeep = http::metrics::spawn_upkeep(stopped.clone());
         let housekeeper = spawn_housekeeper(state.clone(), stopped);
         Ok(Application {
@@ -147,6 +153,7 @@ impl Application {
             tls,
             https_addr,
             stop_background,
+            broker,
         })
     }
 
@@ -164,12 +171,18 @@ impl Application {
         self.metrics_addr
     }
 
+    /// Where the embedded MQTT broker listens; `None` when MQTT is off.
+    pub fn mqtt_addr(&self) -> Option<SocketAddr> {
+        self.broker.as_ref().map(mqtt::Broker::addr)
+    }
+
     pub fn state(&self) -> Arc<AppState> {
         self.state.clone()
     }
 
-    /// Serves until `shutdown` resolves, then lets in-flight requests finish, commits every
-    /// queued event and closes the database.
+    /// Serves until `shutdown` resolves, then closes the MQTT listener and connections, lets
+    /// in-flight requests finish, commits every queued event, records presence and closes the
+    /// database.
     pub async fn run_until_stopped(
         self,
         shutdown: impl Future<Output = ()> + Send,
@@ -192,6 +205,13 @@ impl Application {
                 }
             })
         });
+        let stop_mqtt = self.broker.as_ref().map(mqtt::Broker::stopper);
+        let shutdown = async move {
+            shutdown.await;
+            if let Some(stop) = stop_mqtt {
+                let _ = stop.send(true);
+            }
+        };
         let (acceptor, reloader) = match self.tls {
             Some((tls, files)) => (
                 self.acceptor.combine(tls).boxed(),
@@ -207,6 +227,9 @@ impl Application {
         let _ = stop_metrics.send(true);
         if let Some(server) = metrics_server {
             let _ = server.await;
+        }
+        if let Some(broker) = self.broker {
+            broker.shutdown().await;
         }
         self.state.ingestor.shutdown();
         if let Err(err) = self.ingest_task.await {

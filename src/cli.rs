@@ -190,9 +190,15 @@ pub fn main(cli: Cli) -> ExitCode {
 }
 
 fn init_tracing(filter: &str, json: bool) {
-    let filter = std::env::var("RUST_LOG")
+    let wanted = std::env::var("RUST_LOG").unwrap_or_else(|_| filter.to_owned());
+    // rumqttd logs routine connection events at `error`: quiet unless asked for by name.
+    let wanted = if wanted.contains("rumqttd") {
+        wanted
+    } else {
+        format!("{wanted},rumqttd=warn")
+    };
+    let filter = EnvFilter::try_new(&wanted)
         .ok()
-        .and_then(|f| EnvFilter::try_new(f).ok())
         .or_else(|| EnvFilter::try_new(filter).ok())
         .unwrap_or_else(|| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
@@ -363,10 +369,15 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     } else {
         addr.to_string()
     };
+    let mqtt = match app.mqtt_addr() {
+        Some(m) if m.ip().is_unspecified() => format!("mqtt://localhost:{}", m.port()),
+        Some(m) => format!("mqtt://{m}"),
+        None => "off".to_owned(),
+    };
     tracing::info!(
         http = %addr,
         database = %crate::config::redact_url(&settings.database_url),
-        "ozone is up: firmware API at http://{shown}/api/, health at http://{shown}/healthz"
+        "ozone is up: firmware API at http://{shown}/api/, health at http://{shown}/healthz, MQTT broker at {mqtt}"
     );
     app.run_until_stopped(app::shutdown_signal()).await
 }

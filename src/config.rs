@@ -100,6 +100,30 @@ pub struct Settings {
     /// A listener of its own for `/metrics` (e.g. `127.0.0.1:9100`); the main listener then
     /// answers 404 there. With neither this nor a token, only loopback clients may scrape.
     pub metrics_addr: Option<String>,
+    /// Most MQTT connections at once; more are refused with a CONNACK "server unavailable".
+    pub mqtt_max_connections: usize,
+    /// Largest MQTT packet accepted, in bytes; a larger one closes the connection.
+    pub mqtt_max_payload_bytes: usize,
+    /// Keep-alive bounds (seconds): a client's keep-alive is clamped into them, and one that
+    /// asks for none (0) gets the maximum. A client silent for 1.5 × keep-alive is dropped.
+    pub mqtt_keep_alive_min_secs: u64,
+    pub mqtt_keep_alive_max_secs: u64,
+    /// A connection that sends no CONNECT within this time is closed (milliseconds).
+    pub mqtt_connect_timeout_ms: u64,
+    /// QoS 1 messages sent to one client and not acknowledged yet; more wait their turn.
+    pub mqtt_inflight_per_client: usize,
+    /// Messages queued for one client's connection before new ones are left for later.
+    pub mqtt_queue_per_client: usize,
+    /// Size of one in-memory log segment of the embedded router (bytes), and how many
+    /// segments a topic filter keeps: small, since only staff subscriptions use them.
+    pub mqtt_segment_bytes: usize,
+    pub mqtt_segment_count: usize,
+    /// Topic prefix of the MQTT contract (`ozone/devices/{device_id}/…`).
+    pub mqtt_topic_prefix: String,
+    /// How often commands queued by other processes are looked for (milliseconds).
+    pub mqtt_command_poll_ms: u64,
+    /// Threads serving MQTT connections (kept off the HTTP and database runtime).
+    pub mqtt_threads: usize,
 }
 
 /// Accepts `["a", "b"]` (TOML) as well as `"a, b"` (environment).
@@ -162,6 +186,18 @@ impl Default for Settings {
             https_addr: None,
             tls_cert: None,
             tls_key: None,
+            mqtt_max_connections: 20_000,
+            mqtt_max_payload_bytes: 64 * 1024,
+            mqtt_keep_alive_min_secs: 5,
+            mqtt_keep_alive_max_secs: 1_200,
+            mqtt_connect_timeout_ms: 5_000,
+            mqtt_inflight_per_client: 32,
+            mqtt_queue_per_client: 256,
+            mqtt_segment_bytes: 1024 * 1024,
+            mqtt_segment_count: 4,
+            mqtt_topic_prefix: "ozone/".into(),
+            mqtt_command_poll_ms: 1_000,
+            mqtt_threads: 2,
         }
     }
 }
@@ -240,6 +276,28 @@ impl Settings {
             self.https_addr.is_none() || (self.tls_cert.is_some() && self.tls_key.is_some()),
             "https_addr needs tls_cert and tls_key"
         );
+        anyhow::ensure!(
+            self.mqtt_max_payload_bytes >= 1024,
+            "mqtt_max_payload_bytes must be >= 1024"
+        );
+        anyhow::ensure!(
+            self.mqtt_keep_alive_min_secs >= 1
+                && self.mqtt_keep_alive_min_secs <= self.mqtt_keep_alive_max_secs,
+            "mqtt_keep_alive_min_secs must be >= 1 and <= mqtt_keep_alive_max_secs"
+        );
+        anyhow::ensure!(
+            self.mqtt_inflight_per_client >= 1 && self.mqtt_queue_per_client >= 1,
+            "mqtt_inflight_per_client and mqtt_queue_per_client must be >= 1"
+        );
+        anyhow::ensure!(
+            self.mqtt_segment_bytes >= 1024 && self.mqtt_segment_count >= 1,
+            "mqtt_segment_bytes must be >= 1024 and mqtt_segment_count >= 1"
+        );
+        anyhow::ensure!(self.mqtt_threads >= 1, "mqtt_threads must be >= 1");
+        anyhow::ensure!(
+            !self.mqtt_topic_prefix.contains(['+', '#']),
+            "mqtt_topic_prefix must not contain wildcards"
+        );
         Ok(())
     }
 
@@ -250,6 +308,11 @@ impl Settings {
             statement_timeout: Duration::from_secs(self.db_statement_timeout_secs.max(1)),
             application_name: self.db_application_name.clone(),
         }
+    }
+
+    /// MQTT is off when its address is empty (`--mqtt-addr ""`).
+    pub fn mqtt_enabled(&self) -> bool {
+        !self.mqtt_addr.trim().is_empty()
     }
 
     pub fn is_sqlite(&self) -> bool {
@@ -316,6 +379,18 @@ impl fmt::Debug for Settings {
             .field("https_addr", &self.https_addr)
             .field("tls_cert", &self.tls_cert)
             .field("tls_key", &self.tls_key)
+            .field("mqtt_max_connections", &self.mqtt_max_connections)
+            .field("mqtt_max_payload_bytes", &self.mqtt_max_payload_bytes)
+            .field("mqtt_keep_alive_min_secs", &self.mqtt_keep_alive_min_secs)
+            .field("mqtt_keep_alive_max_secs", &self.mqtt_keep_alive_max_secs)
+            .field("mqtt_connect_timeout_ms", &self.mqtt_connect_timeout_ms)
+            .field("mqtt_inflight_per_client", &self.mqtt_inflight_per_client)
+            .field("mqtt_queue_per_client", &self.mqtt_queue_per_client)
+            .field("mqtt_segment_bytes", &self.mqtt_segment_bytes)
+            .field("mqtt_segment_count", &self.mqtt_segment_count)
+            .field("mqtt_topic_prefix", &self.mqtt_topic_prefix)
+            .field("mqtt_command_poll_ms", &self.mqtt_command_poll_ms)
+            .field("mqtt_threads", &self.mqtt_threads)
             .finish()
     }
 }

@@ -1,9 +1,9 @@
-//! Ozone: telemetry, command queue and (soon) MQTT backend for fleets of ESP32-controlled ozone
+//! Ozone: telemetry, command queue and MQTT backend for fleets of ESP32-controlled ozone
 //! treatment machines.
 //!
 //! `domain` holds every behaviour, free of transports; `http` adapts it to the firmware HTTP
-//! contract; `db` owns the connection and entities; `app` wires them; `cli` is the operator's
-//! command line.
+//! contract and `mqtt` to the MQTT contract (embedded broker); `db` owns the connection and
+//! entities; `app` wires them; `cli` is the operator's command line.
 
 pub mod app;
 pub mod cli;
@@ -12,6 +12,7 @@ pub mod db;
 pub mod domain;
 pub mod error;
 pub mod http;
+pub mod mqtt;
 pub mod state;
 
 pub use app::Application;

@@ -1,6 +1,8 @@
 //! What the transports share: settings, the database, the event writer's handle, the device
 //! token cache, the notification bus and the abuse limits. Transports import this module, never `app`.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use crate::{
     config::Settings,
     db::Db,
@@ -10,6 +12,31 @@ use crate::{
     },
     http::{limits::Limits, staff::auth::LoginLimits},
 };
+
+/// The embedded MQTT broker as readiness checks see it.
+#[derive(Debug, Default)]
+pub struct BrokerHealth {
+    enabled: AtomicBool,
+    listening: AtomicBool,
+}
+
+impl BrokerHealth {
+    pub fn new(enabled: bool) -> Self {
+        BrokerHealth {
+            enabled: AtomicBool::new(enabled),
+            listening: AtomicBool::new(false),
+        }
+    }
+
+    pub fn set_listening(&self, listening: bool) {
+        self.listening.store(listening, Ordering::Release);
+    }
+
+    /// Ready when MQTT is off, or on and accepting connections.
+    pub fn is_ready(&self) -> bool {
+        !self.enabled.load(Ordering::Acquire) || self.listening.load(Ordering::Acquire)
+    }
+}
 
 pub struct AppState {
     pub settings: Settings,
@@ -25,4 +52,5 @@ pub struct AppState {
     pub auth: AuthKeys,
     /// Staff login attempts per client address and per user name.
     pub login_limits: LoginLimits,
+    pub broker: BrokerHealth,
 }

@@ -1,5 +1,7 @@
 //! `ozone-sim`: replays the firmware vectors against a running server, generates event-ingest
-//! load, and simulates a fleet of legacy HTTP devices.
+//! load, and simulates a fleet of legacy HTTP devices or of MQTT devices (`mqtt`).
+
+mod mqtt;
 
 use std::{
     io::Write as _,
@@ -36,6 +38,9 @@ enum Command {
     Poll(IngestArgs),
     /// Run simulated devices: handshake, poll and execute commands, post treatments.
     Simulate(SimulateArgs),
+    /// MQTT devices: simulate a fleet, or measure durable ingest, raw publish rate, idle
+    /// connections.
+    Mqtt(mqtt::MqttArgs),
 }
 
 #[derive(Debug, Args)]
@@ -129,6 +134,7 @@ fn main() -> ExitCode {
             Command::Ingest(args) => ingest(args, Load::Events).await,
             Command::Poll(args) => ingest(args, Load::Polls).await,
             Command::Simulate(args) => simulate(args).await,
+            Command::Mqtt(args) => mqtt::run(args).await,
         }
     });
     match outcome {

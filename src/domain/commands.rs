@@ -647,6 +647,88 @@ pub fn spawn_sweeper(
     })
 }
 
+/// What the MQTT channel delivers to a connected device: its unexpired `pending` commands and,
+/// when `include_sent` (after the device subscribes), the `sent` ones still waiting for a
+/// result; most urgent first, then oldest.
+pub async fn deliverable(
+    db: &Db,
+    device: i32,
+    include_sent: bool,
+) -> Result<Vec<command::Model>> {
+    let statuses: &[&str] = if include_sent {
+        &[Status::Pending.as_str(), Status::Sent.as_str()]
+    } else {
+        &[Status::Pending.as_str()]
+    };
+    let now = Utc::now();
+    Ok(command::Entity::find()
+        .filter(command::Column::DeviceId.eq(device))
+        .filter(command::Column::Status.is_in(statuses.iter().copied()))
+        .filter(
+            command::Column::ExpiresAt
+                .is_null()
+                .or(command::Column::ExpiresAt.gt(now)),
+        )
+        .order_by_desc(command::Column::Priority)
+        .order_by_asc(command::Column::CreatedAt)
+        .order_by_asc(command::Column::Id)
+        .all(db.conn())
+        .await?)
+}
+
+/// Marks delivered commands `sent` on `channel`. Only `pending` ones change, so a command
+/// cancelled, answered or timed out meanwhile keeps its state, and a re-delivered `sent` one
+/// keeps its first `sent_at`. Returns how many changed.
+pub async fn mark_sent(
+    db: &Db,
+    notifier: &Notifier,
+    device: i32,
+    commands: &[command::Model],
+    channel: Channel,
+) -> Result<u64> {
+    let pending: Vec<&command::Model> = commands
+        .iter()
+        .filter(|c| c.status == Status::Pending.as_str())
+        .collect();
+    if pending.is_empty() {
+        return Ok(0);
+    }
+    let now = Utc::now();
+    let txn = db.begin_write().await?;
+    let changed = command::Entity::update_many()
+        .col_expr(command::Column::Status, Expr::value(Status::Sent.as_str()))
+        .col_expr(command::Column::SentAt, Expr::value(now))
+        .col_expr(command::Column::Channel, Expr::value(channel.as_str()))
+        .filter(command::Column::Id.is_in(pending.iter().map(|c| c.id)))
+        .filter(command::Column::Status.eq(Status::Pending.as_str()))
+        .exec(&*txn)
+        .await?
+        .rows_affected;
+    txn.commit().await?;
+    for c in pending {
+        notifier.publish(Notification::CommandChanged {
+            device,
+            command_id: c.command_id.clone(),
+            status: Status::Sent.as_str().to_owned(),
+        });
+    }
+    Ok(changed)
+}
+
+/// Devices that have `pending` commands: how commands queued by other processes (the CLI,
+/// another replica) are noticed. Reads the `(status, expires_at)` index.
+pub async fn devices_with_pending(db: &Db) -> Result<Vec<i32>> {
+    use sea_orm::QuerySelect;
+    Ok(command::Entity::find()
+        .select_only()
+        .column(command::Column::DeviceId)
+        .filter(command::Column::Status.eq(Status::Pending.as_str()))
+        .distinct()
+        .into_tuple::<i32>()
+        .all(db.conn())
+        .await?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

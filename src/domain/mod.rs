@@ -18,6 +18,7 @@ pub mod stats;
 pub mod status;
 pub mod trust;
 pub mod users;
+pub mod wire;
 
 /// Timestamps on the wire: ISO 8601, UTC, `Z`.
 pub fn wire_time(t: chrono::DateTime<chrono::Utc>) -> String {

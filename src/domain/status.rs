@@ -503,6 +503,92 @@ pub async fn count_presence(
     })
 }
 
+/// MQTT presence: devices whose connection opened (`true`) or closed (`false`). Sets
+/// `mqtt_connected` and records the contact in `last_seen` (status row and device row).
+pub async fn set_mqtt_presence(
+    db: &crate::db::Db,
+    notifier: &crate::domain::notify::Notifier,
+    changes: &[(i32, bool)],
+) -> Result<()> {
+    use crate::db::entities::device;
+    use sea_orm::{sea_query::Expr, ColumnTrait, EntityTrait, QueryFilter};
+    let now = Utc::now();
+    let txn = db.begin_write().await?;
+    for connected in [true, false] {
+        let ids: Vec<i32> = changes
+            .iter()
+            .filter(|(_, c)| *c == connected)
+            .map(|(d, _)| *d)
+            .collect();
+        // Bounded statements: SQLite limits the number of parameters.
+        for chunk in ids.chunks(500) {
+            let update = || {
+                device_status::Entity::update_many()
+                    .col_expr(device_status::Column::MqttConnected, Expr::value(connected))
+                    .col_expr(device_status::Column::LastSeen, Expr::value(now))
+                    .col_expr(device_status::Column::UpdatedAt, Expr::value(now))
+                    .filter(device_status::Column::DeviceId.is_in(chunk.iter().copied()))
+            };
+            if update().exec(&*txn).await?.rows_affected < chunk.len() as u64 {
+                for device in chunk {
+                    devices::ensure_status(&*txn, *device, now).await?;
+                }
+                update().exec(&*txn).await?;
+            }
+            device::Entity::update_many()
+                .col_expr(device::Column::LastSeen, Expr::value(now))
+                .filter(device::Column::Id.is_in(chunk.iter().copied()))
+                .exec(&*txn)
+                .await?;
+        }
+    }
+    txn.commit().await?;
+    for (device, _) in changes {
+        notifier.publish(crate::domain::notify::Notification::DeviceChanged { device: *device });
+    }
+    Ok(())
+}
+
+/// Clears `mqtt_connected` of every device: at broker start (connections of a previous run are
+/// gone) and at shutdown. Returns the devices that were marked connected.
+pub async fn clear_mqtt_connected(
+    db: &crate::db::Db,
+) -> Result<u64> {
+    use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
+    let now = Utc::now();
+    let txn = db.begin_write().await?;
+    let cleared = device_status::Entity::update_many()
+        .col_expr(
+            device_status::Column::MqttConnected,
+            sea_orm::sea_query::Expr::value(false),
+        )
+        .col_expr(
+            device_status::Column::UpdatedAt,
+            sea_orm::sea_query::Expr::value(now),
+        )
+        .filter(device_status::Column::MqttConnected.eq(true))
+        .exec(&*txn)
+        .await?
+        .rows_affected;
+    txn.commit().await?;
+    Ok(cleared)
+}
+
+/// Records a status report a device sent on its own (MQTT `status` topic).
+pub async fn report(
+    db: &crate::db::Db,
+    notifier: &crate::domain::notify::Notifier,
+    device: i32,
+    report: &StatusReport,
+) -> Result<()> {
+    let now = Utc::now();
+    let txn = db.begin_write().await?;
+    record(&*txn, device, report, now).await?;
+    txn.commit().await?;
+    notifier.publish(crate::domain::notify::Notification::DeviceChanged { device });
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

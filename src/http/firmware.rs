@@ -15,12 +15,11 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::{
-    db::entities::command,
     domain::{
         commands::{self, CommandResult},
         devices::{self, AuthenticatedDevice, Handshake, Mac},
         events::{self, DeviceEvent, LegacyReading, NewEvent},
-        wire_time,
+        wire::{self, EventAck, WireCommand},
     },
     error::Error,
     state::AppState,
@@ -105,32 +104,6 @@ async fn read_body(body: Body, limit: usize) -> Result<Vec<u8>> {
     }
 }
 
-/// Parses a JSON body, keeping the raw document for the event payload. Any content type is
-/// read as JSON: some firmware sends `text/plain`.
-fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<(T, Value)> {
-    if bytes.iter().all(u8::is_ascii_whitespace) {
-        return Err(Error::Malformed {
-            code: "empty_body",
-            detail: "the request body is empty; a JSON object is expected".into(),
-        }
-        .into());
-    }
-    let raw: Value = serde_json::from_slice(bytes).map_err(|e| Error::Malformed {
-        code: "malformed_json",
-        detail: format!("the body is not valid JSON: {e}"),
-    })?;
-    if !raw.is_object() {
-        return Err(Error::invalid("invalid_body", "the body must be a JSON object").into());
-    }
-    if contains_nul(&raw) {
-        return Err(nul_error().into());
-    }
-    // Read from the text, not the parsed document: some fields keep the exact text sent.
-    let parsed = serde_json::from_slice::<T>(bytes)
-        .map_err(|e| Error::invalid("invalid_body", format!("the body does not fit: {e}")))?;
-    Ok((parsed, raw))
-}
-
 fn parse_form<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
     let malformed = |e: serde_urlencoded::de::Error| Error::Malformed {
         code: "malformed_form",
@@ -141,23 +114,9 @@ fn parse_form<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
         .iter()
         .any(|(k, v)| k.contains('\0') || v.contains('\0'))
     {
-        return Err(nul_error().into());
+        return Err(wire::nul_error().into());
     }
     Ok(serde_urlencoded::from_bytes(bytes).map_err(malformed)?)
-}
-
-/// NUL cannot be stored in PostgreSQL text or jsonb: refuse it on every backend alike.
-fn contains_nul(value: &Value) -> bool {
-    match value {
-        Value::String(s) => s.contains('\0'),
-        Value::Array(items) => items.iter().any(contains_nul),
-        Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || contains_nul(v)),
-        _ => false,
-    }
-}
-
-fn nul_error() -> Error {
-    Error::invalid("invalid_body", "text must not contain NUL characters")
 }
 
 #[derive(Debug, Deserialize)]
@@ -188,7 +147,7 @@ async fn handshake(
     let body: HandshakeBody = if is_form(headers) && !looks_like_json {
         parse_form(&bytes)?
     } else {
-        parse_json(&bytes)?.0
+        wire::parse_json(&bytes)?.0
     };
     let mac = body
         .mac
@@ -230,44 +189,17 @@ async fn device_events(
     client: ClientAddr,
     headers: &HeaderMap,
     body: Body,
-) -> Result<Json<Value>> {
+) -> Result<Json<EventAck>> {
     let received_at = Utc::now();
     let device = authenticate(&state, client, headers, false).await?;
     let bytes = read_body(body, state.settings.body_limit_bytes).await?;
-    let (event, _): (DeviceEvent, Value) = parse_json(&bytes)?;
+    let (event, _): (DeviceEvent, Value) = wire::parse_json(&bytes)?;
     // Valid JSON is valid UTF-8: the body is kept as the device sent it.
     let payload = String::from_utf8_lossy(&bytes).into_owned();
     let event = NewEvent::from_device(&device, event, payload, received_at)?;
     let event_id = event.event_id.clone();
     state.ingestor.submit(event).await?;
-    Ok(Json(json!({ "ack": true, "event_id": event_id })))
-}
-
-#[derive(Serialize)]
-pub struct WireCommand {
-    id: i32,
-    command_id: String,
-    command_type: String,
-    payload: Value,
-    priority: i32,
-    description: String,
-    created_at: String,
-    expires_at: Option<String>,
-}
-
-impl From<command::Model> for WireCommand {
-    fn from(c: command::Model) -> Self {
-        WireCommand {
-            id: c.id,
-            command_id: c.command_id,
-            command_type: c.command_type,
-            payload: c.payload.unwrap_or_else(|| json!({})),
-            priority: c.priority,
-            description: c.description,
-            created_at: wire_time(c.created_at),
-            expires_at: c.expires_at.map(wire_time),
-        }
-    }
+    Ok(Json(EventAck::stored(event_id)))
 }
 
 /// `GET /api/device/{device_id}/commands/`: pending commands, marked `sent`.
@@ -305,7 +237,7 @@ async fn command_result(
     let device = authenticate(&state, client, headers, true).await?;
     device.ensure_is(&device_id)?;
     let bytes = read_body(body, state.settings.body_limit_bytes).await?;
-    let (result, _): (CommandResult, Value) = parse_json(&bytes)?;
+    let (result, _): (CommandResult, Value) = wire::parse_json(&bytes)?;
     let cmd =
         commands::report_result(&state.db, &state.notifier, &device, &reference, result).await?;
     Ok(Json(json!({
@@ -330,7 +262,7 @@ async fn legacy_iot(
     {
         parse_form(&bytes)?
     } else {
-        parse_json(&bytes)?.0
+        wire::parse_json(&bytes)?.0
     };
     events::ingest_legacy(
         &state.db,

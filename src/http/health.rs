@@ -13,9 +13,16 @@ pub async fn healthz() -> Json<serde_json::Value> {
     Json(json!({ "status": "ok" }))
 }
 
-/// Answers 200 once the database answers.
+/// Answers 200 once the database answers and the MQTT broker (when on) accepts connections.
 #[handler]
 pub async fn readyz(state: Data<&Arc<AppState>>) -> Response {
+    if !state.broker.is_ready() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "error": "Service Unavailable", "code": "broker_unavailable", "detail": "the MQTT broker is not accepting connections" })),
+        )
+            .into_response();
+    }
     match state.db.ping().await {
         Ok(()) => Json(json!({ "status": "ready" })).into_response(),
         Err(err) => {

@@ -12,6 +12,8 @@ pub struct TestApp {
     pub metrics_addr: Option<SocketAddr>,
     /// The HTTPS listener, when `https_addr` is set.
     pub https_addr: Option<SocketAddr>,
+    /// The embedded MQTT broker, when the test turned it on (see [`spawn_mqtt_app`]).
+    pub mqtt: Option<SocketAddr>,
     pub base: String,
     pub database_url: String,
     pub http: reqwest::Client,
@@ -139,6 +141,8 @@ async fn spawn_app_on(
 ) -> TestApp {
     let mut settings = Settings {
         http_addr: "127.0.0.1:0".into(),
+        // Off unless a test asks for it: most tests need no broker.
+        mqtt_addr: String::new(),
         database_url: database_url.clone(),
         log: "warn".into(),
         ..Settings::default()
@@ -148,6 +152,7 @@ async fn spawn_app_on(
     let addr = app.http_addr();
     let metrics_addr = app.metrics_addr();
     let https_addr = app.https_addr();
+    let mqtt = app.mqtt_addr();
     let state = app.state();
     let (stop, stopped) = oneshot::channel::<()>();
     let server = tokio::spawn(app.run_until_stopped(async {
@@ -157,6 +162,7 @@ async fn spawn_app_on(
         addr,
         metrics_addr,
         https_addr,
+        mqtt,
         base: format!("http://{addr}"),
         database_url,
         http: reqwest::Client::new(),
@@ -165,6 +171,19 @@ async fn spawn_app_on(
         server: Some(server),
         resources: Some(resources),
     }
+}
+
+/// The application with its MQTT broker on an ephemeral loopback port.
+pub async fn spawn_mqtt_app() -> TestApp {
+    spawn_mqtt_app_with(|_| {}).await
+}
+
+pub async fn spawn_mqtt_app_with(configure: impl FnOnce(&mut Settings)) -> TestApp {
+    spawn_app_with(|s| {
+        s.mqtt_addr = "127.0.0.1:0".into();
+        configure(s);
+    })
+    .await
 }
 
 pub struct Reply {

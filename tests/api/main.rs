@@ -14,6 +14,7 @@ mod limits;
 mod metrics;
 mod operations;
 mod ordering;
+mod mqtt;
 mod server;
 mod staff_auth;
 mod staff_commands;

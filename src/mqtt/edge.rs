@@ -1,0 +1,733 @@
+//! The edge: Ozone's own accept loop in front of rumqttd's router. It reads each client's
+//! CONNECT, authenticates it through the domain (CONNACK refusal codes, never a silent drop),
+//! enforces the topic ACL, connection limits and keep-alive, and records presence.
+//!
+//! Device traffic never needs routing: a device may only publish to its own topics (handled
+//! here, through the bridge) and subscribe to its own `commands` and `events/ack` (published
+//! here, from the bridge). So device connections are served by the edge itself; what staff
+//! integrators may read (device events and retained status) is copied into rumqttd's router
+//! through one local link, and staff connections get a router link each — routing, QoS,
+//! retained messages and sessions for them stay rumqttd's.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use rumqttd::{
+    local::{LinkError, LinkRx, LinkTx},
+    protocol::{
+        ConnAck, ConnectReturnCode, Disconnect, DisconnectReasonCode, LastWill, Login, Packet,
+        PingResp, PubAck, PubAckReason, Publish, QoS, SubAck, SubscribeReasonCode,
+        UnsubAck, UnsubAckReason,
+    },
+    Notification,
+};
+use tokio::{
+    net::TcpListener,
+    sync::{mpsc, watch, Semaphore},
+};
+
+use super::{
+    bridge,
+    codec::{Conn, ConnError, Stream, Version},
+    topics::{DeviceFilter, DeviceTopic, Topics},
+    MqttSettings,
+};
+use crate::{domain::devices::AuthenticatedDevice, error::Error, state::AppState};
+
+/// Something the bridge hands to a device's connection.
+#[derive(Debug)]
+pub enum Outbound {
+    Publish { filter: DeviceFilter, payload: Bytes },
+    /// Another connection took over this device's client id.
+    TakenOver,
+}
+
+/// One connected device, as the bridge sees it.
+pub struct Session {
+    pub device: AuthenticatedDevice,
+    generation: u64,
+    tx: mpsc::Sender<Outbound>,
+    pub commands: AtomicBool,
+    pub acks: AtomicBool,
+    /// Serialises command deliveries to this device.
+    pub delivering: tokio::sync::Mutex<()>,
+}
+
+impl Session {
+    /// Hands a message to the connection; false when it is gone or its queue is full.
+    pub fn offer(&self, filter: DeviceFilter, payload: Bytes) -> bool {
+        let subscribed = match filter {
+            DeviceFilter::Commands => &self.commands,
+            DeviceFilter::EventAcks => &self.acks,
+        };
+        subscribed.load(Ordering::Acquire)
+            && self
+                .tx
+                .try_send(Outbound::Publish { filter, payload })
+                .is_ok()
+    }
+}
+
+/// The connected devices, by primary key.
+#[derive(Default)]
+pub struct Sessions {
+    map: Mutex<HashMap<i32, Arc<Session>>>,
+    generation: AtomicU64,
+}
+
+impl Sessions {
+    pub fn get(&self, device: i32) -> Option<Arc<Session>> {
+        self.lock().get(&device).cloned()
+    }
+
+    pub fn subscribed(&self) -> Vec<Arc<Session>> {
+        self.lock()
+            .values()
+            .filter(|s| s.commands.load(Ordering::Acquire))
+            .cloned()
+            .collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<i32, Arc<Session>>> {
+        self.map.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn open(&self, device: AuthenticatedDevice, tx: mpsc::Sender<Outbound>) -> Arc<Session> {
+        let session = Arc::new(Session {
+            generation: self.generation.fetch_add(1, Ordering::Relaxed),
+            device,
+            tx,
+            commands: AtomicBool::new(false),
+            acks: AtomicBool::new(false),
+            delivering: tokio::sync::Mutex::new(()),
+        });
+        let previous = self.lock().insert(session.device.id, session.clone());
+        if let Some(previous) = previous {
+            let _ = previous.tx.try_send(Outbound::TakenOver);
+        }
+        session
+    }
+
+    /// Forgets the session unless a newer connection of the device replaced it; true when it
+    /// was the device's current one.
+    fn close(&self, session: &Session) -> bool {
+        let mut map = self.lock();
+        match map.get(&session.device.id) {
+            Some(current) if current.generation == session.generation => {
+                map.remove(&session.device.id);
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+/// A message for staff subscribers, copied into rumqttd's router.
+pub struct FeedMessage {
+    pub topic: Bytes,
+    pub payload: Bytes,
+    pub retain: bool,
+}
+
+type LinkFactory =
+    dyn Fn(&str) -> Result<(LinkTx, LinkRx, Notification), LinkError> + Send + Sync + 'static;
+
+/// What every connection task shares.
+pub struct Edge {
+    pub state: Arc<AppState>,
+    /// The application's runtime: database work runs there, never on the edge's threads.
+    pub main: tokio::runtime::Handle,
+    pub settings: MqttSettings,
+    pub topics: Topics,
+    pub sessions: Sessions,
+    pub presence: mpsc::UnboundedSender<(i32, bool)>,
+    feed: mpsc::Sender<FeedMessage>,
+    staff_connections: AtomicUsize,
+    make_link: Box<LinkFactory>,
+    permits: Arc<Semaphore>,
+    stop: watch::Receiver<bool>,
+    pub open: AtomicUsize,
+}
+
+impl Edge {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        state: Arc<AppState>,
+        main: tokio::runtime::Handle,
+        settings: MqttSettings,
+        presence: mpsc::UnboundedSender<(i32, bool)>,
+        feed: mpsc::Sender<FeedMessage>,
+        make_link: Box<LinkFactory>,
+        stop: watch::Receiver<bool>,
+    ) -> Edge {
+        Edge {
+            topics: Topics::new(&settings.topic_prefix),
+            permits: Arc::new(Semaphore::new(settings.max_connections)),
+            state,
+            main,
+            settings,
+            sessions: Sessions::default(),
+            presence,
+            feed,
+            staff_connections: AtomicUsize::new(0),
+            make_link,
+            stop,
+            open: AtomicUsize::new(0),
+        }
+    }
+
+    /// Copies a device's message to staff subscribers. Best effort: when the router falls
+    /// behind, copies are dropped rather than slowing devices down.
+    fn to_feed(&self, topic: &str, payload: &[u8], retain: bool) {
+        if !retain && self.staff_connections.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        let message = FeedMessage {
+            topic: Bytes::copy_from_slice(topic.as_bytes()),
+            payload: Bytes::copy_from_slice(payload),
+            retain,
+        };
+        if self.feed.try_send(message).is_err() {
+            tracing::debug!(topic, "staff feed is full; message not copied");
+        }
+    }
+}
+
+/// Accepts connections until `stop` turns true; each is served on its own task.
+pub async fn accept_loop(edge: Arc<Edge>, listener: TcpListener) {
+    let mut stop = edge.stop.clone();
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = stop.changed() => break,
+        };
+        match accepted {
+            Ok((socket, peer)) => {
+                let _ = socket.set_nodelay(true);
+                let edge = edge.clone();
+                tokio::spawn(async move { serve(edge, Box::new(socket), peer).await });
+            }
+            Err(err) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(error = %err, "MQTT accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Who a CONNECT proved to be.
+enum Peer {
+    Device(AuthenticatedDevice),
+    Staff(String),
+}
+
+fn refusal(version: Version, code: ConnectReturnCode) -> Packet {
+    let _ = version;
+    Packet::ConnAck(
+        ConnAck {
+            session_present: false,
+            code,
+        },
+        None,
+    )
+}
+
+/// Serves one client connection from CONNECT to close.
+pub async fn serve(edge: Arc<Edge>, stream: Box<dyn Stream>, peer: SocketAddr) {
+    edge.open.fetch_add(1, Ordering::Relaxed);
+    let mut conn = Conn::new(stream, edge.settings.max_packet_bytes());
+    let connect = conn
+        .read_connect(Duration::from_millis(edge.settings.connect_timeout_ms))
+        .await;
+    let result = match connect {
+        Ok(Packet::Connect(connect, _props, will, _will_props, login)) => {
+            handle_connect(&edge, conn, connect, will, login, peer).await
+        }
+        Ok(_) => Ok(()),
+        Err(ConnError::Level(level)) => {
+            // MQTT 3.1 and older: "unacceptable protocol version", in the 3.1.1 framing.
+            let mut ack = bytes::BytesMut::new();
+            ack.extend_from_slice(&[0x20, 0x02, 0x00, 0x01]);
+            tracing::debug!(%peer, level, "MQTT protocol level refused");
+            let _ = conn.send_raw(&ack).await;
+            Ok(())
+        }
+        Err(err) => Err(err),
+    };
+    if let Err(err) = result {
+        tracing::debug!(%peer, error = %err, "MQTT connection ended");
+    }
+    edge.open.fetch_sub(1, Ordering::Relaxed);
+}
+
+async fn handle_connect(
+    edge: &Arc<Edge>,
+    mut conn: Conn,
+    connect: rumqttd::protocol::Connect,
+    will: Option<LastWill>,
+    login: Option<Login>,
+    peer: SocketAddr,
+) -> Result<(), ConnError> {
+    let Ok(permit) = edge.permits.clone().try_acquire_owned() else {
+        tracing::warn!(%peer, "MQTT connection limit reached; refused");
+        let code = match conn.version {
+            Version::V4 => ConnectReturnCode::ServiceUnavailable,
+            Version::V5 => ConnectReturnCode::ServerBusy,
+        };
+        conn.send(refusal(conn.version, code)).await?;
+        conn.shutdown().await;
+        return Ok(());
+    };
+    let identified = identify(edge, &connect.client_id, login).await;
+    let who = match identified {
+        Ok(who) => who,
+        Err(code) => {
+            tracing::info!(%peer, client_id = %connect.client_id, ?code, "MQTT connection refused");
+            conn.send(refusal(conn.version, code)).await?;
+            conn.shutdown().await;
+            return Ok(());
+        }
+    };
+    let keep_alive = effective_keep_alive(&edge.settings, connect.keep_alive);
+    conn.send(Packet::ConnAck(
+        ConnAck {
+            session_present: false,
+            code: ConnectReturnCode::Success,
+        },
+        None,
+    ))
+    .await?;
+    let result = match who {
+        Peer::Device(device) => serve_device(edge, conn, device, will, keep_alive).await,
+        Peer::Staff(user) => serve_staff(edge, conn, &connect.client_id, user, keep_alive).await,
+    };
+    drop(permit);
+    result
+}
+
+/// Idle time after which a silent client is dropped: 1.5 × its keep-alive, bounded by the
+/// settings (a keep-alive of 0, "none", gets the maximum).
+fn effective_keep_alive(settings: &MqttSettings, asked: u16) -> Duration {
+    let secs = match u64::from(asked) {
+        0 => settings.keep_alive_max_secs,
+        s => s.clamp(settings.keep_alive_min_secs, settings.keep_alive_max_secs),
+    };
+    Duration::from_millis(secs * 1500)
+}
+
+/// Authenticates a CONNECT: a device by `client_id = username = device_id` and its token as
+/// password; anyone else as staff.
+async fn identify(
+    edge: &Arc<Edge>,
+    client_id: &str,
+    login: Option<Login>,
+) -> Result<Peer, ConnectReturnCode> {
+    let Some(login) = login else {
+        return Err(ConnectReturnCode::BadUserNamePassword);
+    };
+    let state = edge.state.clone();
+    let password = login.password.clone();
+    let authenticated = edge
+        .main
+        .spawn(async move {
+            crate::domain::devices::authenticate(&state.db, &state.tokens, Some(&password), false)
+                .await
+        })
+        .await
+        .map_err(|_| ConnectReturnCode::ServerUnavailable)?;
+    match authenticated {
+        Ok(device) => {
+            // A valid token presented under another name: the token is real, the claim is not.
+            if device.ensure_is(&login.username).is_err() || device.ensure_is(client_id).is_err()
+            {
+                return Err(ConnectReturnCode::NotAuthorized);
+            }
+            Ok(Peer::Device(device))
+        }
+        Err(Error::InvalidToken | Error::MissingToken) => {
+            match super::staff::authenticate(edge, &login.username, &login.password).await {
+                Some(user) => Ok(Peer::Staff(user)),
+                None => Err(ConnectReturnCode::BadUserNamePassword),
+            }
+        }
+        Err(err) => {
+            tracing::warn!(error = %err, "MQTT authentication failed");
+            Err(ConnectReturnCode::ServerUnavailable)
+        }
+    }
+}
+
+/// What ended a device connection.
+enum End {
+    /// DISCONNECT: no last will.
+    Clean,
+    /// Network error, keep-alive timeout, protocol violation: the last will is published.
+    Abnormal,
+    /// Replaced by a newer connection of the same device.
+    TakenOver,
+    /// Server shutdown.
+    Shutdown,
+}
+
+/// QoS 1 messages to a device not acknowledged yet, and those waiting for room.
+struct Outgoing {
+    next_pkid: u16,
+    inflight: HashMap<u16, ()>,
+    waiting: VecDeque<(DeviceFilter, Bytes)>,
+    limit: usize,
+}
+
+impl Outgoing {
+    fn pkid(&mut self) -> u16 {
+        loop {
+            self.next_pkid = self.next_pkid.wrapping_add(1).max(1);
+            if !self.inflight.contains_key(&self.next_pkid) {
+                return self.next_pkid;
+            }
+        }
+    }
+}
+
+async fn serve_device(
+    edge: &Arc<Edge>,
+    mut conn: Conn,
+    device: AuthenticatedDevice,
+    will: Option<LastWill>,
+    keep_alive: Duration,
+) -> Result<(), ConnError> {
+    let (tx, mut rx) = mpsc::channel(edge.settings.queue_per_client);
+    let session = edge.sessions.open(device.clone(), tx);
+    let _ = edge.presence.send((device.id, true));
+    tracing::debug!(device_id = %device.device_id, "device connected over MQTT");
+    let commands_topic = edge.topics.commands(&device.device_id);
+    let acks_topic = edge.topics.event_acks(&device.device_id);
+    let mut outgoing = Outgoing {
+        next_pkid: 0,
+        inflight: HashMap::new(),
+        waiting: VecDeque::new(),
+        limit: edge.settings.inflight_per_client,
+    };
+    let events_in_flight = Arc::new(Semaphore::new(EVENTS_IN_FLIGHT));
+    let mut stop = edge.stop.clone();
+    let end = loop {
+        tokio::select! {
+            read = conn.read_packet(keep_alive) => {
+                let mut next = match read {
+                    Ok(packet) => Some(packet),
+                    Err(err) => {
+                        tracing::debug!(device_id = %device.device_id, error = %err, "device connection lost");
+                        break End::Abnormal;
+                    }
+                };
+                let mut outcome = None;
+                // Handle everything already buffered before writing the replies at once.
+                while let Some(packet) = next.take() {
+                    // Events being stored hold a permit each: a device that publishes faster
+                    // than they commit stops being read (TCP back-pressure) instead of piling
+                    // up work.
+                    let permit = match &packet {
+                        Packet::Publish(..) => match events_in_flight.clone().try_acquire_owned() {
+                            Ok(p) => Some(p),
+                            Err(_) => {
+                                let _ = conn.flush().await;
+                                events_in_flight.clone().acquire_owned().await.ok()
+                            }
+                        },
+                        _ => None,
+                    };
+                    match device_packet(edge, &session, &mut conn, &mut outgoing, packet, permit) {
+                        Ok(None) => {}
+                        Ok(Some(end)) => {
+                            outcome = Some(end);
+                            break;
+                        }
+                        Err(err) => {
+                            tracing::debug!(device_id = %device.device_id, error = %err, "device protocol error");
+                            outcome = Some(End::Abnormal);
+                            break;
+                        }
+                    }
+                    match conn.next_buffered() {
+                        Ok(p) => next = p,
+                        Err(_) => {
+                            outcome = Some(End::Abnormal);
+                            break;
+                        }
+                    }
+                }
+                release(&mut conn, &mut outgoing, &commands_topic, &acks_topic);
+                if conn.flush().await.is_err() {
+                    break End::Abnormal;
+                }
+                if let Some(end) = outcome {
+                    break end;
+                }
+                conn.shrink();
+            }
+            message = rx.recv() => {
+                match message {
+                    Some(Outbound::Publish { filter, payload }) => {
+                        outgoing.waiting.push_back((filter, payload));
+                        while let Ok(Outbound::Publish { filter, payload }) = rx.try_recv() {
+                            outgoing.waiting.push_back((filter, payload));
+                        }
+                        release(&mut conn, &mut outgoing, &commands_topic, &acks_topic);
+                        if conn.flush().await.is_err() {
+                            break End::Abnormal;
+                        }
+                    }
+                    Some(Outbound::TakenOver) | None => break End::TakenOver,
+                }
+            }
+            _ = stop.changed() => break End::Shutdown,
+        }
+    };
+    let current = edge.sessions.close(&session);
+    if matches!(end, End::Abnormal) {
+        if let Some(will) = will {
+            publish_will(edge, &device, will);
+        }
+    }
+    if matches!(end, End::TakenOver) || matches!(end, End::Shutdown) {
+        let _ = conn
+            .send(Packet::Disconnect(
+                Disconnect {
+                    reason_code: match end {
+                        End::Shutdown => DisconnectReasonCode::ServerShuttingDown,
+                        _ => DisconnectReasonCode::SessionTakenOver,
+                    },
+                },
+                None,
+            ))
+            .await;
+    }
+    if current && !matches!(end, End::Shutdown) {
+        let _ = edge.presence.send((device.id, false));
+    }
+    tracing::debug!(device_id = %device.device_id, "device disconnected from MQTT");
+    conn.shutdown().await;
+    Ok(())
+}
+
+/// Events of one connection being stored at once.
+const EVENTS_IN_FLIGHT: usize = 64;
+
+/// Writes waiting messages while the device's in-flight window has room.
+fn release(conn: &mut Conn, outgoing: &mut Outgoing, commands: &str, acks: &str) {
+    while outgoing.inflight.len() < outgoing.limit {
+        let Some((filter, payload)) = outgoing.waiting.pop_front() else {
+            break;
+        };
+        let pkid = outgoing.pkid();
+        outgoing.inflight.insert(pkid, ());
+        let topic = match filter {
+            DeviceFilter::Commands => commands,
+            DeviceFilter::EventAcks => acks,
+        };
+        conn.queue_publish(topic, &payload, pkid);
+    }
+}
+
+/// The last will is the device's own (`{online: false}` on its status topic by contract); it
+/// is honoured only on a topic the device may publish to.
+fn publish_will(edge: &Arc<Edge>, device: &AuthenticatedDevice, will: LastWill) {
+    let Ok(topic) = std::str::from_utf8(&will.topic) else {
+        return;
+    };
+    if edge.topics.device_publish(&device.device_id, topic) == Some(DeviceTopic::Status) {
+        edge.to_feed(topic, &will.message, will.retain);
+    }
+}
+
+fn puback(conn: &mut Conn, pkid: u16) -> Result<(), ConnError> {
+    conn.queue(Packet::PubAck(
+        PubAck {
+            pkid,
+            reason: PubAckReason::Success,
+        },
+        None,
+    ))
+}
+
+/// Handles one packet of a device; `Some(end)` closes the connection.
+fn device_packet(
+    edge: &Arc<Edge>,
+    session: &Arc<Session>,
+    conn: &mut Conn,
+    outgoing: &mut Outgoing,
+    packet: Packet,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+) -> Result<Option<End>, ConnError> {
+    let device = &session.device;
+    match packet {
+        Packet::Publish(publish, _) => {
+            let Ok(topic) = std::str::from_utf8(&publish.topic) else {
+                return Ok(Some(End::Abnormal));
+            };
+            let Some(kind) = edge.topics.device_publish(&device.device_id, topic) else {
+                tracing::warn!(
+                    device_id = %device.device_id,
+                    topic,
+                    "publish to a topic the device does not own; disconnecting"
+                );
+                return Ok(Some(End::Abnormal));
+            };
+            let pkid = match publish_qos(&publish) {
+                Some((QoS::AtMostOnce, _)) => None,
+                Some((QoS::AtLeastOnce, pkid)) => Some(pkid),
+                _ => {
+                    tracing::warn!(device_id = %device.device_id, "QoS 2 is not supported; disconnecting");
+                    return Ok(Some(End::Abnormal));
+                }
+            };
+            match kind {
+                DeviceTopic::Events => {
+                    edge.to_feed(topic, &publish.payload, false);
+                    bridge::event(edge.clone(), session.clone(), publish.payload, permit);
+                }
+                DeviceTopic::Result(command) => {
+                    bridge::result(edge, session, command.to_owned(), publish.payload);
+                }
+                DeviceTopic::Status => {
+                    edge.to_feed(topic, &publish.payload, publish.retain);
+                    bridge::status(edge, session, publish.payload);
+                }
+            }
+            if let Some(pkid) = pkid {
+                puback(conn, pkid)?;
+            }
+        }
+        Packet::PubAck(ack, _) => {
+            outgoing.inflight.remove(&ack.pkid);
+        }
+        Packet::Subscribe(subscribe, _) => {
+            let mut commands = false;
+            let return_codes = subscribe
+                .filters
+                .iter()
+                .map(
+                    |f| match edge.topics.device_subscribe(&device.device_id, &f.path) {
+                        Some(filter) => {
+                            match filter {
+                                DeviceFilter::Commands => {
+                                    session.commands.store(true, Ordering::Release);
+                                    commands = true;
+                                }
+                                DeviceFilter::EventAcks => {
+                                    session.acks.store(true, Ordering::Release)
+                                }
+                            }
+                            SubscribeReasonCode::Success(if f.qos == QoS::AtMostOnce {
+                                QoS::AtMostOnce
+                            } else {
+                                QoS::AtLeastOnce
+                            })
+                        }
+                        None => {
+                            tracing::warn!(
+                                device_id = %device.device_id,
+                                filter = %f.path,
+                                "subscription refused"
+                            );
+                            forbidden(conn.version)
+                        }
+                    },
+                )
+                .collect();
+            conn.queue(Packet::SubAck(
+                SubAck {
+                    pkid: subscribe.pkid,
+                    return_codes,
+                },
+                None,
+            ))?;
+            if commands {
+                // Every subscribe, clean session or not, gets every open command again.
+                bridge::deliver(edge, device.id, true);
+            }
+        }
+        Packet::Unsubscribe(unsubscribe, _) => {
+            for filter in &unsubscribe.filters {
+                match edge.topics.device_subscribe(&device.device_id, filter) {
+                    Some(DeviceFilter::Commands) => {
+                        session.commands.store(false, Ordering::Release)
+                    }
+                    Some(DeviceFilter::EventAcks) => session.acks.store(false, Ordering::Release),
+                    None => {}
+                }
+            }
+            conn.queue(Packet::UnsubAck(
+                UnsubAck {
+                    pkid: unsubscribe.pkid,
+                    reasons: vec![UnsubAckReason::Success; unsubscribe.filters.len()],
+                },
+                None,
+            ))?;
+        }
+        Packet::PingReq(_) => conn.queue(Packet::PingResp(PingResp))?,
+        Packet::Disconnect(..) => return Ok(Some(End::Clean)),
+        Packet::Connect(..) => return Ok(Some(End::Abnormal)),
+        _ => {}
+    }
+    Ok(None)
+}
+
+/// A refused subscription: 0x80 in MQTT 3.1.1, "not authorized" (0x87) in MQTT 5.
+pub fn forbidden(version: Version) -> SubscribeReasonCode {
+    match version {
+        Version::V4 => SubscribeReasonCode::Failure,
+        Version::V5 => SubscribeReasonCode::NotAuthorized,
+    }
+}
+
+/// The QoS and packet id of a publish (the codec keeps them crate-private; its serialisation
+/// carries them).
+fn publish_qos(publish: &Publish) -> Option<(QoS, u16)> {
+    let raw = publish.serialize();
+    let qos = match (raw.first()? >> 1) & 0b11 {
+        0 => QoS::AtMostOnce,
+        1 => QoS::AtLeastOnce,
+        _ => QoS::ExactlyOnce,
+    };
+    let pkid = u16::from_be_bytes([*raw.get(1)?, *raw.get(2)?]);
+    Some((qos, pkid))
+}
+
+/// Serves a staff integrator through a router link of its own: it may subscribe to device
+/// events and status, and publish nothing.
+async fn serve_staff(
+    edge: &Arc<Edge>,
+    conn: Conn,
+    client_id: &str,
+    user: String,
+    keep_alive: Duration,
+) -> Result<(), ConnError> {
+    edge.staff_connections.fetch_add(1, Ordering::Relaxed);
+    let result = super::staff::serve(edge, conn, client_id, &user, keep_alive).await;
+    edge.staff_connections.fetch_sub(1, Ordering::Relaxed);
+    result
+}
+
+impl Edge {
+    pub(super) fn link(&self, client_id: &str) -> Result<(LinkTx, LinkRx, Notification), LinkError> {
+        (self.make_link)(client_id)
+    }
+
+    pub(super) fn stopped(&self) -> watch::Receiver<bool> {
+        self.stop.clone()
+    }
+
+}

