@@ -73,7 +73,6 @@ pub struct MqttArgs {
 #[derive(Default)]
 struct Counters {
     connected: AtomicUsize,
-    sent: AtomicU64,
     acked: AtomicU64,
     refused: AtomicU64,
     commands: AtomicU64,
@@ -133,16 +132,20 @@ pub async fn run(args: MqttArgs) -> anyhow::Result<std::process::ExitCode> {
 
     // Wait for the fleet to connect (bounded), then measure.
     let all_in = tokio::time::Instant::now() + Duration::from_secs(120);
-    while counters.connected.load(Ordering::Relaxed) + counters.errors.load(Ordering::Relaxed) as usize
-        < args.devices
-        && tokio::time::Instant::now() < all_in
-    {
+    let settled = || {
+        let errors = counters.errors.load(Ordering::Relaxed) as usize;
+        counters.connected.load(Ordering::Relaxed) + errors >= args.devices
+    };
+    while !settled() && tokio::time::Instant::now() < all_in {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let connected = counters.connected.load(Ordering::Relaxed);
     eprintln!("{connected} of {} devices connected", args.devices);
     if args.mode == Mode::Idle || args.mode == Mode::Simulate {
-        println!("{}", json!({"connected": connected, "devices": args.devices}));
+        println!(
+            "{}",
+            json!({"connected": connected, "devices": args.devices})
+        );
         let run = async {
             let mut ticker = tokio::time::interval(Duration::from_secs(5));
             ticker.tick().await;
@@ -194,7 +197,10 @@ pub async fn run(args: MqttArgs) -> anyhow::Result<std::process::ExitCode> {
             })
         );
     } else {
-        println!("{rate:.1} {what}; {connected} devices, window {}, {refused} refused", args.window);
+        println!(
+            "{rate:.1} {what}; {connected} devices, window {}, {refused} refused",
+            args.window
+        );
     }
     Ok(if acked > 0 {
         std::process::ExitCode::SUCCESS
@@ -303,7 +309,12 @@ async fn device_task(
                 for _ in 0..args.window {
                     seq += 1;
                     client
-                        .publish(&events, QoS::AtLeastOnce, false, event_body(&device, run_tag, seq))
+                        .publish(
+                            &events,
+                            QoS::AtLeastOnce,
+                            false,
+                            event_body(&device, run_tag, seq),
+                        )
                         .await?;
                 }
             }
@@ -325,7 +336,12 @@ async fn device_task(
                     if args.mode == Mode::Ingest {
                         seq += 1;
                         client
-                            .publish(&events, QoS::AtLeastOnce, false, event_body(&device, run_tag, seq))
+                            .publish(
+                                &events,
+                                QoS::AtLeastOnce,
+                                false,
+                                event_body(&device, run_tag, seq),
+                            )
                             .await?;
                     }
                 } else if p.topic.ends_with("/commands") {

@@ -647,72 +647,50 @@ pub fn spawn_sweeper(
     })
 }
 
-/// What the MQTT channel delivers to a connected device: its unexpired `pending` commands and,
-/// when `include_sent` (after the device subscribes), the `sent` ones still waiting for a
-/// result; most urgent first, then oldest.
-pub async fn deliverable(
-    db: &Db,
-    device: i32,
-    include_sent: bool,
-) -> Result<Vec<command::Model>> {
-    let statuses: &[&str] = if include_sent {
-        &[Status::Pending.as_str(), Status::Sent.as_str()]
-    } else {
-        &[Status::Pending.as_str()]
-    };
-    let now = Utc::now();
-    Ok(command::Entity::find()
-        .filter(command::Column::DeviceId.eq(device))
-        .filter(command::Column::Status.is_in(statuses.iter().copied()))
-        .filter(
-            command::Column::ExpiresAt
-                .is_null()
-                .or(command::Column::ExpiresAt.gt(now)),
-        )
-        .order_by_desc(command::Column::Priority)
-        .order_by_asc(command::Column::CreatedAt)
-        .order_by_asc(command::Column::Id)
-        .all(db.conn())
-        .await?)
-}
-
-/// Marks delivered commands `sent` on `channel`. Only `pending` ones change, so a command
-/// cancelled, answered or timed out meanwhile keeps its state, and a re-delivered `sent` one
-/// keeps its first `sent_at`. Returns how many changed.
-pub async fn mark_sent(
+/// What a push channel (MQTT) delivers to a connected device now, in delivery order (most
+/// urgent first, then oldest): its due `pending` commands, claimed as `sent` on `channel` with
+/// the same guarded statement as an HTTP poll (so two processes never both hand out one), and,
+/// with `include_sent` (when the device subscribes), the `sent` ones still without a result.
+pub async fn push_due(
     db: &Db,
     notifier: &Notifier,
     device: i32,
-    commands: &[command::Model],
     channel: Channel,
-) -> Result<u64> {
-    let pending: Vec<&command::Model> = commands
-        .iter()
-        .filter(|c| c.status == Status::Pending.as_str())
-        .collect();
-    if pending.is_empty() {
-        return Ok(0);
-    }
+    limit: u64,
+    include_sent: bool,
+) -> Result<Vec<command::Model>> {
+    use sea_orm::QueryOrder;
     let now = Utc::now();
-    let txn = db.begin_write().await?;
-    let changed = command::Entity::update_many()
-        .col_expr(command::Column::Status, Expr::value(Status::Sent.as_str()))
-        .col_expr(command::Column::SentAt, Expr::value(now))
-        .col_expr(command::Column::Channel, Expr::value(channel.as_str()))
-        .filter(command::Column::Id.is_in(pending.iter().map(|c| c.id)))
-        .filter(command::Column::Status.eq(Status::Pending.as_str()))
-        .exec(&*txn)
-        .await?
-        .rows_affected;
-    txn.commit().await?;
-    for c in pending {
-        notifier.publish(Notification::CommandChanged {
-            device,
-            command_id: c.command_id.clone(),
-            status: Status::Sent.as_str().to_owned(),
-        });
+    let mut due = if include_sent {
+        command::Entity::find()
+            .filter(command::Column::DeviceId.eq(device))
+            .filter(command::Column::Status.eq(Status::Sent.as_str()))
+            .filter(
+                command::Column::ExpiresAt
+                    .is_null()
+                    .or(command::Column::ExpiresAt.gt(now)),
+            )
+            .order_by_asc(command::Column::Id)
+            .limit(limit)
+            .all(db.conn())
+            .await?
+    } else {
+        Vec::new()
+    };
+    if has_due(db.conn(), device, now).await? {
+        let txn = db.begin_write().await?;
+        let claimed = claim(&*txn, device, channel, limit, now).await?;
+        txn.commit().await?;
+        announce(notifier, &claimed);
+        due.extend(claimed);
     }
-    Ok(changed)
+    due.sort_by(|a, b| {
+        b.priority
+            .cmp(&a.priority)
+            .then(a.created_at.cmp(&b.created_at))
+            .then(a.id.cmp(&b.id))
+    });
+    Ok(due)
 }
 
 /// Devices that have `pending` commands: how commands queued by other processes (the CLI,

@@ -551,9 +551,7 @@ pub async fn set_mqtt_presence(
 
 /// Clears `mqtt_connected` of every device: at broker start (connections of a previous run are
 /// gone) and at shutdown. Returns the devices that were marked connected.
-pub async fn clear_mqtt_connected(
-    db: &crate::db::Db,
-) -> Result<u64> {
+pub async fn clear_mqtt_connected(db: &crate::db::Db) -> Result<u64> {
     use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
     let now = Utc::now();
     let txn = db.begin_write().await?;

@@ -103,6 +103,7 @@ impl StatusMessage {
             sd_card_available: self.sd_card_available,
             uptime_seconds: self.uptime_seconds.filter(|u| *u >= 0),
             device_timestamp: None,
+            reset: false,
         })
     }
 }

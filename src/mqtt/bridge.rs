@@ -130,35 +130,29 @@ async fn deliver_now(edge: &Edge, device: i32, include_sent: bool) -> crate::Res
     let Some(session) = edge.sessions.get(device) else {
         return Ok(());
     };
-    if !session
-        .commands
-        .load(std::sync::atomic::Ordering::Acquire)
-    {
+    if !session.commands.load(std::sync::atomic::Ordering::Acquire) {
         return Ok(());
     }
     let _one_at_a_time = session.delivering.lock().await;
     let state = &edge.state;
-    let due = commands::deliverable(&state.db, device, include_sent).await?;
-    if due.is_empty() {
-        return Ok(());
-    }
-    let mut delivered = Vec::with_capacity(due.len());
-    for command in due {
-        let body = serde_json::to_vec(&WireCommand::from(command.clone()))
-            .map_err(|e| Error::Internal(e.to_string()))?;
-        if !session.offer(DeviceFilter::Commands, Bytes::from(body)) {
-            break;
-        }
-        delivered.push(command);
-    }
-    commands::mark_sent(
+    let due = commands::push_due(
         &state.db,
         &state.notifier,
         device,
-        &delivered,
         Channel::Mqtt,
+        edge.settings.queue_per_client as u64,
+        include_sent,
     )
     .await?;
+    for command in due {
+        let body = serde_json::to_vec(&WireCommand::from(command))
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        // A full queue leaves the rest `sent` without a result: they come again on the
+        // device's next subscribe.
+        if !session.offer(DeviceFilter::Commands, Bytes::from(body)) {
+            break;
+        }
+    }
     Ok(())
 }
 
@@ -202,7 +196,10 @@ async fn sweep_pending(edge: &Arc<Edge>) {
 
 /// Writes presence changes in batches: whatever queued while the previous write ran shares
 /// the next one, and only each device's latest state counts.
-pub async fn write_presence(state: Arc<AppState>, mut changes: mpsc::UnboundedReceiver<(i32, bool)>) {
+pub async fn write_presence(
+    state: Arc<AppState>,
+    mut changes: mpsc::UnboundedReceiver<(i32, bool)>,
+) {
     while let Some(first) = changes.recv().await {
         let mut latest = std::collections::HashMap::new();
         latest.insert(first.0, first.1);

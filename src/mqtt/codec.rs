@@ -55,7 +55,9 @@ fn connect_level(buf: &[u8]) -> Result<Option<u8>, ConnError> {
             break;
         }
         if i > 4 {
-            return Err(ConnError::Protocol(protocol::Error::MalformedRemainingLength));
+            return Err(ConnError::Protocol(
+                protocol::Error::MalformedRemainingLength,
+            ));
         }
     }
     let (Some(hi), Some(lo)) = (buf.get(i), buf.get(i + 1)) else {

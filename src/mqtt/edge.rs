@@ -21,11 +21,11 @@ use std::{
 
 use bytes::Bytes;
 use rumqttd::{
-    local::{LinkError, LinkRx, LinkTx},
+    local::{LinkRx, LinkTx},
     protocol::{
         ConnAck, ConnectReturnCode, Disconnect, DisconnectReasonCode, LastWill, Login, Packet,
-        PingResp, PubAck, PubAckReason, Publish, QoS, SubAck, SubscribeReasonCode,
-        UnsubAck, UnsubAckReason,
+        PingResp, PubAck, PubAckReason, Publish, QoS, SubAck, SubscribeReasonCode, UnsubAck,
+        UnsubAckReason,
     },
     Notification,
 };
@@ -45,7 +45,10 @@ use crate::{domain::devices::AuthenticatedDevice, error::Error, state::AppState}
 /// Something the bridge hands to a device's connection.
 #[derive(Debug)]
 pub enum Outbound {
-    Publish { filter: DeviceFilter, payload: Bytes },
+    Publish {
+        filter: DeviceFilter,
+        payload: Bytes,
+    },
     /// Another connection took over this device's client id.
     TakenOver,
 }
@@ -141,8 +144,11 @@ pub struct FeedMessage {
     pub retain: bool,
 }
 
-type LinkFactory =
-    dyn Fn(&str) -> Result<(LinkTx, LinkRx, Notification), LinkError> + Send + Sync + 'static;
+/// A router link: what rumqttd's `LinkBuilder` gives.
+pub type Link = (LinkTx, LinkRx, Notification);
+
+/// Opens router links; the error is rumqttd's `LinkError`, as text.
+pub type LinkFactory = dyn Fn(&str) -> Result<Link, String> + Send + Sync + 'static;
 
 /// What every connection task shares.
 pub struct Edge {
@@ -234,8 +240,17 @@ enum Peer {
     Staff(String),
 }
 
+/// A CONNACK refusing the connection, in the codes the client's protocol version has.
 fn refusal(version: Version, code: ConnectReturnCode) -> Packet {
-    let _ = version;
+    let code = match (version, code) {
+        (Version::V4, ConnectReturnCode::ServerUnavailable | ConnectReturnCode::ServerBusy) => {
+            ConnectReturnCode::ServiceUnavailable
+        }
+        (Version::V5, ConnectReturnCode::ServiceUnavailable) => {
+            ConnectReturnCode::ServerUnavailable
+        }
+        (_, code) => code,
+    };
     Packet::ConnAck(
         ConnAck {
             session_present: false,
@@ -351,8 +366,7 @@ async fn identify(
     match authenticated {
         Ok(device) => {
             // A valid token presented under another name: the token is real, the claim is not.
-            if device.ensure_is(&login.username).is_err() || device.ensure_is(client_id).is_err()
-            {
+            if device.ensure_is(&login.username).is_err() || device.ensure_is(client_id).is_err() {
                 return Err(ConnectReturnCode::NotAuthorized);
             }
             Ok(Peer::Device(device))
@@ -722,12 +736,11 @@ async fn serve_staff(
 }
 
 impl Edge {
-    pub(super) fn link(&self, client_id: &str) -> Result<(LinkTx, LinkRx, Notification), LinkError> {
+    pub(super) fn link(&self, client_id: &str) -> Result<Link, String> {
         (self.make_link)(client_id)
     }
 
     pub(super) fn stopped(&self) -> watch::Receiver<bool> {
         self.stop.clone()
     }
-
 }

@@ -104,7 +104,11 @@ impl Broker {
         );
         let router_tx = router.spawn();
         let feed_link = router_tx.clone();
-        let make_link = Box::new(move |id: &str| LinkBuilder::new(id, router_tx.clone()).build());
+        let make_link = Box::new(move |id: &str| {
+            LinkBuilder::new(id, router_tx.clone())
+                .build()
+                .map_err(|e| e.to_string())
+        });
 
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(settings.mqtt_threads)
@@ -118,7 +122,13 @@ impl Broker {
         let (feed_tx, feed_rx) = mpsc::channel(4096);
         std::thread::Builder::new()
             .name("ozone-mqtt-feed".into())
-            .spawn(move || run_feed(feed_rx, move || LinkBuilder::new("ozone-feed", feed_link).build()))
+            .spawn(move || {
+                run_feed(feed_rx, move || {
+                    LinkBuilder::new("ozone-feed", feed_link)
+                        .build()
+                        .map_err(|e| e.to_string())
+                })
+            })
             .context("cannot start the MQTT feed thread")?;
 
         let edge = Arc::new(edge::Edge::new(
@@ -167,8 +177,7 @@ impl Broker {
         let _ = self.stop.send(true);
         self.state.broker.set_listening(false);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
-        while self.edge.open.load(Ordering::Relaxed) > 0 && tokio::time::Instant::now() < deadline
-        {
+        while self.edge.open.load(Ordering::Relaxed) > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let _ = self.watcher.await;
@@ -190,10 +199,7 @@ impl Broker {
 /// own: rumqttd's link calls block.
 fn run_feed(
     mut messages: mpsc::Receiver<edge::FeedMessage>,
-    link: impl FnOnce() -> Result<
-        (rumqttd::local::LinkTx, rumqttd::local::LinkRx, Notification),
-        rumqttd::local::LinkError,
-    >,
+    link: impl FnOnce() -> Result<edge::Link, String>,
 ) {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -15,6 +15,7 @@ mod metrics;
 mod operations;
 mod ordering;
 mod mqtt;
+mod ordering;
 mod server;
 mod staff_auth;
 mod staff_commands;

@@ -286,7 +286,10 @@ async fn mqtt_5_clients_connect_and_get_v5_refusal_codes() {
         }
     }
     client
-        .subscribe(topic(&device, "commands"), rumqttc::v5::mqttbytes::QoS::AtLeastOnce)
+        .subscribe(
+            topic(&device, "commands"),
+            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+        )
         .await
         .unwrap();
     client
@@ -578,7 +581,10 @@ async fn bad_clients_leave_the_broker_serving_others() {
         .publish(topic(&device, "events"), QoS::AtLeastOnce, false, huge)
         .await
         .unwrap();
-    assert!(big.closed().await, "the oversize publish closes the connection");
+    assert!(
+        big.closed().await,
+        "the oversize publish closes the connection"
+    );
     // Everyone else is still served.
     let mut client = connect(&app, &device).await;
     client.subscribe(&topic(&device, "events/ack")).await;
@@ -620,7 +626,9 @@ fn mosquitto_clients() -> bool {
             std::env::var("CI").as_deref() != Ok("true"),
             "mosquitto_pub is required in CI (Debian package mosquitto-clients)"
         );
-        eprintln!("SKIPPED: mosquitto_pub/mosquitto_sub not installed (apt install mosquitto-clients)");
+        eprintln!(
+            "SKIPPED: mosquitto_pub/mosquitto_sub not installed (apt install mosquitto-clients)"
+        );
     }
     found
 }
@@ -677,7 +685,10 @@ async fn mosquitto_clients_publish_events_and_receive_commands() {
         assert!(out.status.success(), "{out:?}");
         let deadline = tokio::time::Instant::now() + WAIT;
         while stored_events(&app, &event_id).await == 0 {
-            assert!(tokio::time::Instant::now() < deadline, "{event_id} never stored");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{event_id} never stored"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
 
@@ -717,7 +728,10 @@ async fn mosquitto_clients_are_refused_with_connack_codes_and_denied_foreign_fil
         let out = mosquitto("mosquitto_pub", args).await;
         assert!(!out.status.success());
         let stderr = String::from_utf8_lossy(&out.stderr).to_lowercase();
-        assert!(stderr.contains("user name or password"), "{version}: {stderr}");
+        assert!(
+            stderr.contains("user name or password"),
+            "{version}: {stderr}"
+        );
 
         let mut args = mosquitto_args(&app, &a.device_id, &a.device_id, &b.token);
         args.extend(["-V", version, "-t", "x", "-m", "{}"].map(String::from));
@@ -746,13 +760,19 @@ async fn shutdown_closes_connections_commits_acknowledged_events_and_clears_pres
     let mut client = connect(&app, &device).await;
     client.subscribe(&topic(&device, "events/ack")).await;
     client
-        .publish(&topic(&device, "events"), event_body(&device, "before-stop"))
+        .publish(
+            &topic(&device, "events"),
+            event_body(&device, "before-stop"),
+        )
         .await;
     client.receive(&topic(&device, "events/ack")).await;
     presence_becomes(&app, &device.device_id, true).await;
     let started = std::time::Instant::now();
     let stopped = app.stop().await;
-    assert!(started.elapsed() < Duration::from_secs(5), "stopped in time");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "stopped in time"
+    );
     assert!(client.closed().await, "the connection is closed");
     let db = sea_orm::Database::connect(stopped.database_url.as_str())
         .await
