@@ -15,7 +15,6 @@ mod metrics;
 mod operations;
 mod ordering;
 mod mqtt;
-mod ordering;
 mod server;
 mod staff_auth;
 mod staff_commands;
