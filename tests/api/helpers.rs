@@ -2,7 +2,11 @@
 
 use std::{net::SocketAddr, process::Command, sync::Arc};
 
-use ozone::{AppState, Application, Settings};
+use chrono::{DateTime, Utc};
+use ozone::{
+    domain::{devices, fleet},
+    AppState, Application, Settings,
+};
 use serde_json::{json, Value};
 use tokio::{sync::oneshot, task::JoinHandle};
 
@@ -450,4 +454,78 @@ impl TestApp {
         self.staff_call(reqwest::Method::POST, path, Some(&who.token), Some(body))
             .await
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hand-built fleets for the statistics tests: bindings at chosen times, events through ingest.
+
+pub fn at(s: &str) -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339(s)
+        .expect("RFC 3339")
+        .with_timezone(&Utc)
+}
+
+/// Binds `device` to the machine `code` (in `outlet`, created as needed) as of `when`;
+/// returns the machine's and the outlet's ids.
+pub async fn bind_at(
+    app: &TestApp,
+    device: &Device,
+    code: &str,
+    outlet: Option<&str>,
+    when: &str,
+) -> (i32, Option<i32>) {
+    let when = at(when);
+    let db = &app.state.db;
+    let txn = db.begin_write().await.expect("write");
+    let outlet_id = match outlet {
+        Some(name) => Some(
+            fleet::outlet_named(&*txn, name, when)
+                .await
+                .expect("outlet")
+                .0
+                .id,
+        ),
+        None => None,
+    };
+    let (machine, _) = fleet::machine_coded(&*txn, code, outlet_id, when)
+        .await
+        .expect("machine");
+    if machine.outlet_id != outlet_id {
+        fleet::set_machine_outlet(&*txn, machine.id, outlet_id, when)
+            .await
+            .expect("outlet history");
+    }
+    let model = devices::find_by_device_id(&*txn, &device.device_id)
+        .await
+        .expect("device");
+    let machine = ozone::db::entities::machine::Model {
+        outlet_id,
+        ..machine
+    };
+    fleet::bind(&*txn, &machine, &model, when)
+        .await
+        .expect("bind");
+    txn.commit().await.expect("commit");
+    app.state.tokens.evict_device(model.id);
+    (machine.id, outlet_id)
+}
+
+pub async fn treat(app: &TestApp, device: &Device, event_id: &str, treatment: &str, ts: &str) {
+    treat_with(app, device, event_id, treatment, ts, json!({})).await;
+}
+
+pub async fn treat_with(
+    app: &TestApp,
+    device: &Device,
+    event_id: &str,
+    treatment: &str,
+    ts: &str,
+    extra: Value,
+) {
+    let mut body = json!({ "treatment": treatment, "ts": ts });
+    if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+        b.extend(e.clone());
+    }
+    let reply = app.post_event(device, event_id, body).await;
+    assert_eq!(reply.status, 200, "event {event_id}: {}", reply.body);
 }

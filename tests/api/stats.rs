@@ -2,86 +2,15 @@
 //! expected numbers. Events go in through the real ingest path (HTTP); bindings are made with
 //! the fleet domain's own functions at chosen times, so that past events have a machine.
 
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use futures_util::StreamExt;
 use ozone::domain::{
-    devices, export, fleet, logs,
+    export, logs,
     stats::{self, StatsParams},
 };
-use serde_json::{json, Value};
+use serde_json::json;
 
-use crate::helpers::{spawn_app, Device, TestApp};
-
-fn at(s: &str) -> DateTime<Utc> {
-    DateTime::parse_from_rfc3339(s)
-        .expect("RFC 3339")
-        .with_timezone(&Utc)
-}
-
-/// Binds `device` to the machine `code` (in `outlet`, created as needed) as of `when`;
-/// returns the machine's and the outlet's ids.
-async fn bind_at(
-    app: &TestApp,
-    device: &Device,
-    code: &str,
-    outlet: Option<&str>,
-    when: &str,
-) -> (i32, Option<i32>) {
-    let when = at(when);
-    let db = &app.state.db;
-    let txn = db.begin_write().await.expect("write");
-    let outlet_id = match outlet {
-        Some(name) => Some(
-            fleet::outlet_named(&*txn, name, when)
-                .await
-                .expect("outlet")
-                .0
-                .id,
-        ),
-        None => None,
-    };
-    let (machine, _) = fleet::machine_coded(&*txn, code, outlet_id, when)
-        .await
-        .expect("machine");
-    if machine.outlet_id != outlet_id {
-        fleet::set_machine_outlet(&*txn, machine.id, outlet_id, when)
-            .await
-            .expect("outlet history");
-    }
-    let model = devices::find_by_device_id(&*txn, &device.device_id)
-        .await
-        .expect("device");
-    let machine = ozone::db::entities::machine::Model {
-        outlet_id,
-        ..machine
-    };
-    fleet::bind(&*txn, &machine, &model, when)
-        .await
-        .expect("bind");
-    txn.commit().await.expect("commit");
-    app.state.tokens.evict_device(model.id);
-    (machine.id, outlet_id)
-}
-
-async fn treat(app: &TestApp, device: &Device, event_id: &str, treatment: &str, ts: &str) {
-    treat_with(app, device, event_id, treatment, ts, json!({})).await;
-}
-
-async fn treat_with(
-    app: &TestApp,
-    device: &Device,
-    event_id: &str,
-    treatment: &str,
-    ts: &str,
-    extra: Value,
-) {
-    let mut body = json!({ "treatment": treatment, "ts": ts });
-    if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
-        b.extend(e.clone());
-    }
-    let reply = app.post_event(device, event_id, body).await;
-    assert_eq!(reply.status, 200, "event {event_id}: {}", reply.body);
-}
+use crate::helpers::{bind_at, spawn_app, treat, treat_with, TestApp};
 
 fn params(granularity: &str, start: &str, end: &str) -> StatsParams {
     StatsParams {
