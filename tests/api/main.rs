@@ -20,5 +20,6 @@ mod staff_auth;
 mod staff_commands;
 mod staff_fleet;
 mod staff_spec;
+mod staff_stats;
 mod stats;
 mod tls;

@@ -14,6 +14,7 @@ pub mod events;
 mod firmware_docs;
 pub mod machines;
 pub mod outlets;
+pub mod stats;
 
 use poem::{web::Html, Endpoint, IntoResponse};
 use poem_openapi::{OpenApiService, Tags};
@@ -36,6 +37,8 @@ pub enum Tag {
     Commands,
     /// Telemetry events and the latest state of devices.
     Telemetry,
+    /// Usage statistics, machine logs, CSV exports and the telemetry flush.
+    Analytics,
     /// The legacy firmware HTTP contract (documentation of what devices call).
     Firmware,
 }
@@ -48,6 +51,7 @@ pub type StaffApi = (
     devices::DevicesApi,
     commands::CommandsApi,
     events::EventsApi,
+    stats::StatsApi,
 );
 
 fn staff_api() -> StaffApi {
@@ -58,6 +62,7 @@ fn staff_api() -> StaffApi {
         devices::DevicesApi,
         commands::CommandsApi,
         events::EventsApi,
+        stats::StatsApi,
     )
 }
 
