@@ -194,8 +194,9 @@ fn inactive(username: &str) -> Error {
     Error::unauthenticated("user_inactive", format!("user `{username}` is deactivated"))
 }
 
-/// Checks a username and password and opens a session.
-pub async fn login(db: &Db, keys: &AuthKeys, username: &str, password: &str) -> Result<Login> {
+/// Checks a username and password: the active user they belong to. A deactivated account is
+/// told apart only once its password is right.
+pub async fn check_password(db: &Db, username: &str, password: &str) -> Result<user::Model> {
     let found = user::Entity::find()
         .filter(user::Column::Username.eq(username.trim()))
         .one(db.conn())
@@ -215,6 +216,12 @@ pub async fn login(db: &Db, keys: &AuthKeys, username: &str, password: &str) -> 
     if !user.is_active {
         return Err(inactive(&user.username));
     }
+    Ok(user)
+}
+
+/// Checks a username and password and opens a session.
+pub async fn login(db: &Db, keys: &AuthKeys, username: &str, password: &str) -> Result<Login> {
+    let user = check_password(db, username, password).await?;
     let now = Utc::now();
     let expires_at = now + keys.ttl;
     let jti = uuid::Uuid::now_v7().simple().to_string();
@@ -290,6 +297,41 @@ pub async fn authenticate(db: &Db, keys: &AuthKeys, credential: &str) -> Result<
         user,
         scope: Scope::Session,
         session: Some(session.jti),
+    })
+}
+
+/// Whether a secret is a bearer credential (an API token or a JWT) rather than a password.
+pub fn is_bearer_credential(secret: &str) -> bool {
+    let secret = secret.trim();
+    // Every JWT header is a JSON object, `{"` in base64url.
+    secret.starts_with(API_TOKEN_PREFIX)
+        || (secret.starts_with("eyJ") && secret.split('.').count() == 3)
+}
+
+/// A staff login for a transport that keeps no session of its own (MQTT): `username` with its
+/// password, or with one of its JWTs or API tokens as the password. Revocation, expiry and
+/// deactivation are checked as for every staff request.
+pub async fn authenticate_login(
+    db: &Db,
+    keys: &AuthKeys,
+    username: &str,
+    secret: &str,
+) -> Result<Principal> {
+    if is_bearer_credential(secret) {
+        match authenticate(db, keys, secret).await {
+            Ok(principal) if principal.user.username == username.trim() => return Ok(principal),
+            // Someone else's credential: as wrong as a wrong password.
+            Ok(_) => return Err(bad_credentials()),
+            // A password that merely looks like a token.
+            Err(Error::InvalidToken) => {}
+            Err(err) => return Err(err),
+        }
+    }
+    let user = check_password(db, username, secret).await?;
+    Ok(Principal {
+        user,
+        scope: Scope::Session,
+        session: None,
     })
 }
 

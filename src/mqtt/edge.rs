@@ -240,15 +240,22 @@ enum Peer {
     Staff(String),
 }
 
-/// A CONNACK refusing the connection, in the codes the client's protocol version has.
+/// A CONNACK refusing the connection, in the codes the client's protocol version has: MQTT
+/// 3.1.1 knows only 1-5, so anything else from the v5 set is "server unavailable" (3) there.
 fn refusal(version: Version, code: ConnectReturnCode) -> Packet {
+    use ConnectReturnCode as C;
     let code = match (version, code) {
-        (Version::V4, ConnectReturnCode::ServerUnavailable | ConnectReturnCode::ServerBusy) => {
-            ConnectReturnCode::ServiceUnavailable
-        }
-        (Version::V5, ConnectReturnCode::ServiceUnavailable) => {
-            ConnectReturnCode::ServerUnavailable
-        }
+        (
+            Version::V4,
+            code @ (C::RefusedProtocolVersion
+            | C::ClientIdentifierNotValid
+            | C::ServiceUnavailable
+            | C::BadUserNamePassword
+            | C::NotAuthorized),
+        ) => code,
+        (Version::V4, _) => C::ServiceUnavailable,
+        (Version::V5, C::ServiceUnavailable) => C::ServerUnavailable,
+        (Version::V5, C::RefusedProtocolVersion) => C::UnsupportedProtocolVersion,
         (_, code) => code,
     };
     Packet::ConnAck(
@@ -306,7 +313,7 @@ async fn handle_connect(
         conn.shutdown().await;
         return Ok(());
     };
-    let identified = identify(edge, &connect.client_id, login).await;
+    let identified = identify(edge, &connect.client_id, login, peer).await;
     let who = match identified {
         Ok(who) => who,
         Err(code) => {
@@ -349,6 +356,7 @@ async fn identify(
     edge: &Arc<Edge>,
     client_id: &str,
     login: Option<Login>,
+    peer: SocketAddr,
 ) -> Result<Peer, ConnectReturnCode> {
     let Some(login) = login else {
         return Err(ConnectReturnCode::BadUserNamePassword);
@@ -372,10 +380,9 @@ async fn identify(
             Ok(Peer::Device(device))
         }
         Err(Error::InvalidToken | Error::MissingToken) => {
-            match super::staff::authenticate(edge, &login.username, &login.password).await {
-                Some(user) => Ok(Peer::Staff(user)),
-                None => Err(ConnectReturnCode::BadUserNamePassword),
-            }
+            super::staff::authenticate(edge, peer.ip(), &login.username, &login.password)
+                .await
+                .map(Peer::Staff)
         }
         Err(err) => {
             tracing::warn!(error = %err, "MQTT authentication failed");

@@ -2,10 +2,10 @@
 //! link of their own (rumqttd does routing, QoS and retained messages for them), may subscribe
 //! to nothing else and publish nothing.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{collections::HashMap, net::IpAddr, sync::Arc, time::Duration};
 
 use rumqttd::{
-    protocol::{Packet, PingResp, SubAck, Subscribe},
+    protocol::{ConnectReturnCode, Packet, PingResp, SubAck, Subscribe},
     Notification,
 };
 
@@ -13,11 +13,55 @@ use super::{
     codec::{Conn, ConnError},
     edge::{forbidden, Edge},
 };
+use crate::{
+    domain::{auth, users},
+    error::Error,
+};
 
-/// Checks a staff login; `Some(username)` for an active staff account.
-pub async fn authenticate(edge: &Arc<Edge>, username: &str, password: &str) -> Option<String> {
-    let _ = (edge, username, password);
-    None
+/// Checks a staff login through the same domain functions as the staff API: the username with
+/// its password (attempts counted by the login limits), or with one of its JWTs or API tokens
+/// as the password. Any active account may connect, since all it can do is read; a deactivated
+/// one is refused as not authorised, a wrong password as bad credentials.
+pub async fn authenticate(
+    edge: &Arc<Edge>,
+    peer: IpAddr,
+    username: &str,
+    password: &str,
+) -> Result<String, ConnectReturnCode> {
+    // Not a user name at all (a MAC-style device id with a wrong token, say): refused without
+    // counting against anyone's login budget.
+    if users::validate_username(username).is_err() {
+        return Err(ConnectReturnCode::BadUserNamePassword);
+    }
+    let state = edge.state.clone();
+    let (username, password) = (username.to_owned(), password.to_owned());
+    let checked = edge
+        .main
+        .spawn(async move {
+            if !auth::is_bearer_credential(&password) {
+                state.login_limits.check(peer, &username)?;
+            }
+            auth::authenticate_login(&state.db, &state.auth, &username, &password).await
+        })
+        .await
+        .map_err(|_| ConnectReturnCode::ServerUnavailable)?;
+    match checked {
+        Ok(principal) => Ok(principal.user.username),
+        Err(err) => Err(match err {
+            Error::Unauthenticated {
+                code: "user_inactive",
+                ..
+            } => ConnectReturnCode::NotAuthorized,
+            Error::Unauthenticated { .. } | Error::InvalidToken | Error::MissingToken => {
+                ConnectReturnCode::BadUserNamePassword
+            }
+            Error::RateLimited { .. } => ConnectReturnCode::ConnectionRateExceeded,
+            err => {
+                tracing::warn!(error = %err, "MQTT staff authentication failed");
+                ConnectReturnCode::ServerUnavailable
+            }
+        }),
+    }
 }
 
 pub async fn serve(

@@ -791,6 +791,216 @@ async fn shutdown_closes_connections_commits_acknowledged_events_and_clears_pres
     assert!(connected.is_empty());
 }
 
+/// A staff account for MQTT logins; its password is `correct horse battery`.
+async fn integrator(app: &TestApp, username: &str) -> crate::helpers::Staff {
+    app.user(username, false, false).await
+}
+
+const STAFF_PASSWORD: &str = "correct horse battery";
+
+async fn refused_code(options: MqttOptions) -> ConnectReturnCode {
+    match connect_with(options).await {
+        Err(rumqttc::ConnectionError::ConnectionRefused(code)) => code,
+        Err(other) => panic!("expected a CONNACK refusal, got {other:?}"),
+        Ok(_) => panic!("expected a refusal, the connection was accepted"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_staff_subscriber_reads_every_devices_events_and_status_through_wildcards() {
+    let app = spawn_mqtt_app().await;
+    integrator(&app, "integrator").await;
+    let a = app.handshake("AA:00:00:00:00:30").await;
+    let b = app.handshake("AA:00:00:00:00:31").await;
+    let mut staff = connect_with(options(&app, "dashboard-1", "integrator", STAFF_PASSWORD))
+        .await
+        .expect("staff connects with username and password");
+    assert!(matches!(
+        staff.subscribe("ozone/devices/+/events").await[..],
+        [rumqttc::SubscribeReasonCode::Success(_)]
+    ));
+    assert!(matches!(
+        staff.subscribe("ozone/devices/+/status").await[..],
+        [rumqttc::SubscribeReasonCode::Success(_)]
+    ));
+
+    let mut device_a = connect(&app, &a).await;
+    device_a.subscribe(&topic(&a, "events/ack")).await;
+    let body = event_body(&a, "seen-by-staff");
+    device_a.publish(&topic(&a, "events"), body.clone()).await;
+    assert_eq!(staff.receive(&topic(&a, "events")).await, body);
+    // The device's own acknowledgement is not for staff eyes; the event is stored all the same.
+    device_a.receive(&topic(&a, "events/ack")).await;
+    assert_eq!(stored_events(&app, "seen-by-staff").await, 1);
+
+    let device_b = connect(&app, &b).await;
+    let status = json!({"online": true, "firmware": "2.1.0", "uptime_seconds": 42});
+    device_b
+        .client
+        .publish(
+            topic(&b, "status"),
+            QoS::AtLeastOnce,
+            true,
+            status.to_string(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(staff.receive(&topic(&b, "status")).await, status);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn staff_may_not_subscribe_beyond_events_and_status_nor_publish() {
+    let app = spawn_mqtt_app().await;
+    let staff_user = integrator(&app, "integrator").await;
+    let device = app.assigned_device("AA:00:00:00:00:32", "M-32").await;
+    // A staff JWT is a password too.
+    let mut staff = connect_with(options(
+        &app,
+        "dashboard-2",
+        "integrator",
+        &staff_user.token,
+    ))
+    .await
+    .expect("staff connects with a JWT as password");
+    for filter in [
+        "#".to_owned(),
+        "ozone/#".to_owned(),
+        "ozone/devices/+/commands".to_owned(),
+        topic(&device, "commands"),
+        "ozone/devices/+/events/ack".to_owned(),
+        "$SYS/#".to_owned(),
+    ] {
+        assert_eq!(
+            staff.subscribe(&filter).await,
+            vec![rumqttc::SubscribeReasonCode::Failure],
+            "{filter}"
+        );
+    }
+    // One SUBSCRIBE with an allowed and a refused filter: each gets its own code.
+    staff
+        .client
+        .subscribe_many([
+            rumqttc::SubscribeFilter::new("ozone/devices/+/events".into(), QoS::AtLeastOnce),
+            rumqttc::SubscribeFilter::new("#".into(), QoS::AtLeastOnce),
+        ])
+        .await
+        .unwrap();
+    let codes = loop {
+        match staff.next().await {
+            Seen::SubAck(codes) => break codes,
+            Seen::Closed => panic!("closed while subscribing"),
+            Seen::Publish(..) => continue,
+        }
+    };
+    assert!(matches!(
+        codes[..],
+        [
+            rumqttc::SubscribeReasonCode::Success(_),
+            rumqttc::SubscribeReasonCode::Failure
+        ]
+    ));
+    // Commands queued for the device never reach staff.
+    let mut device_client = connect(&app, &device).await;
+    device_client.subscribe(&topic(&device, "commands")).await;
+    let command_id = create_command(&app, &device, "REBOOT", 0).await;
+    device_client.receive(&topic(&device, "commands")).await;
+    staff.receives_nothing().await;
+
+    // A publish, even to a topic staff may read, is refused: dropped, and the client is
+    // disconnected.
+    staff
+        .publish(
+            &topic(&device, "events"),
+            event_body(&device, "forged-by-staff"),
+        )
+        .await;
+    assert!(
+        staff.closed().await,
+        "the publishing staff client is disconnected"
+    );
+    let mut staff = connect_with(options(&app, "dashboard-2", "integrator", STAFF_PASSWORD))
+        .await
+        .unwrap();
+    staff
+        .publish(
+            &topic(&device, &format!("commands/{command_id}/result")),
+            json!({"success": true}),
+        )
+        .await;
+    assert!(staff.closed().await);
+    assert_eq!(stored_events(&app, "forged-by-staff").await, 0);
+    assert_eq!(command_row(&app, &command_id).await.status, "sent");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn staff_logins_are_refused_with_the_matching_connack_code() {
+    use sea_orm::sea_query::Expr;
+    let app = spawn_mqtt_app().await;
+    let staff_user = integrator(&app, "integrator").await;
+    let other = integrator(&app, "someone").await;
+    // Wrong password, unknown user, another user's JWT: bad user name or password (4).
+    let code = refused_code(options(&app, "c1", "integrator", "wrong password")).await;
+    assert_eq!(code, ConnectReturnCode::BadUserNamePassword);
+    let code = refused_code(options(&app, "c2", "nobody", STAFF_PASSWORD)).await;
+    assert_eq!(code, ConnectReturnCode::BadUserNamePassword);
+    let code = refused_code(options(&app, "c3", "integrator", &other.token)).await;
+    assert_eq!(code, ConnectReturnCode::BadUserNamePassword);
+    // A logged-out JWT stops working over MQTT too.
+    let reply = app
+        .staff_call(
+            reqwest::Method::POST,
+            "/api/auth/logout/",
+            Some(&staff_user.token),
+            None,
+        )
+        .await;
+    assert!(reply.status < 300, "logout: {}", reply.body);
+    let code = refused_code(options(&app, "c4", "integrator", &staff_user.token)).await;
+    assert_eq!(code, ConnectReturnCode::BadUserNamePassword);
+
+    // A deactivated account with the right password: not authorised (5); with a wrong one,
+    // nothing is revealed (4).
+    ozone::db::entities::user::Entity::update_many()
+        .col_expr(
+            ozone::db::entities::user::Column::IsActive,
+            Expr::value(false),
+        )
+        .filter(ozone::db::entities::user::Column::Username.eq("integrator"))
+        .exec(app.db())
+        .await
+        .unwrap();
+    let code = refused_code(options(&app, "c5", "integrator", STAFF_PASSWORD)).await;
+    assert_eq!(code, ConnectReturnCode::NotAuthorized);
+    let code = refused_code(options(&app, "c6", "integrator", "wrong password")).await;
+    assert_eq!(code, ConnectReturnCode::BadUserNamePassword);
+
+    // MQTT 5 clients get the v5 reason codes: 0x86 and 0x87.
+    use rumqttc::v5::{
+        mqttbytes::v5::ConnectReturnCode as V5Code, AsyncClient as V5Client,
+        ConnectionError as V5Error, MqttOptions as V5Options,
+    };
+    let addr = app.mqtt.unwrap();
+    for (password, expected) in [
+        ("wrong password", V5Code::BadUserNamePassword),
+        (STAFF_PASSWORD, V5Code::NotAuthorized),
+    ] {
+        let mut o = V5Options::new("c7", addr.ip().to_string(), addr.port());
+        o.set_credentials("integrator", password);
+        let (_client, mut eventloop) = V5Client::new(o, 4);
+        let code = loop {
+            match tokio::time::timeout(WAIT, eventloop.poll())
+                .await
+                .expect("CONNACK in time")
+            {
+                Ok(_) => continue,
+                Err(V5Error::ConnectionRefused(code)) => break code,
+                Err(other) => panic!("expected a CONNACK refusal, got {other:?}"),
+            }
+        };
+        assert_eq!(code, expected);
+    }
+}
+
 /// Command push latency, from creation (through the domain) to receipt, with `N` devices
 /// connected and subscribed. A measurement, not a check: run by `bench/mqtt.sh` with
 /// `cargo test --release --test api -- --ignored --nocapture command_push_latency`
