@@ -15,7 +15,7 @@ use serde_json::{json, Value as Json};
 
 use crate::{
     db::{
-        entities::{command, telemetry_event},
+        entities::{command, device, telemetry_event},
         placeholder, Db,
     },
     domain::{
@@ -224,7 +224,9 @@ pub async fn has_due(conn: &impl ConnectionTrait, device: i32, now: DateTime<Utc
 /// Marks up to `limit` of a device's due commands `sent` on `channel` and returns them in
 /// delivery order. Only `pending` rows change, in one conditional statement: two polls at once
 /// (in one process or two) never hand out the same command, and a command cancelled or timed
-/// out a moment earlier stays as it is. PostgreSQL skips rows another poll has locked.
+/// out a moment earlier stays as it is. PostgreSQL skips rows another poll has locked. A device
+/// that is not bound to a machine (as the database says now, whatever a cache or a connection
+/// remembers) gets nothing: its commands stay `pending` until it is assigned.
 pub async fn claim(
     conn: &impl ConnectionTrait,
     device: i32,
@@ -241,7 +243,7 @@ pub async fn claim(
     let sql = format!(
         "UPDATE commands SET status = 'sent', sent_at = {}, channel = {} \
          WHERE id IN (SELECT id FROM commands WHERE device_id = {} AND status = 'pending' \
-         AND (expires_at IS NULL OR expires_at > {}) \
+         AND (expires_at IS NULL OR expires_at > {}) AND {ASSIGNED} \
          ORDER BY priority DESC, created_at, id LIMIT {}{lock}) \
          AND status = 'pending' RETURNING *",
         p(1),
@@ -272,6 +274,10 @@ pub async fn claim(
     });
     Ok(sent)
 }
+
+/// The condition "the command's device is bound to a machine", for statements on `commands`.
+const ASSIGNED: &str =
+    "EXISTS (SELECT 1 FROM devices WHERE devices.id = commands.device_id AND devices.assigned)";
 
 fn announce(notifier: &Notifier, changed: &[command::Model]) {
     for c in changed {
@@ -651,6 +657,8 @@ pub fn spawn_sweeper(
 /// urgent first, then oldest): its due `pending` commands, claimed as `sent` on `channel` with
 /// the same guarded statement as an HTTP poll (so two processes never both hand out one), and,
 /// with `include_sent` (when the device subscribes), the `sent` ones still without a result.
+/// Nothing while the device is not bound to a machine, as HTTP polls of such a device are
+/// refused: its commands wait, `pending`, for its assignment.
 pub async fn push_due(
     db: &Db,
     notifier: &Notifier,
@@ -660,6 +668,15 @@ pub async fn push_due(
     include_sent: bool,
 ) -> Result<Vec<command::Model>> {
     use sea_orm::QueryOrder;
+    let assigned = device::Entity::find_by_id(device)
+        .select_only()
+        .column(device::Column::Assigned)
+        .into_tuple::<bool>()
+        .one(db.conn())
+        .await?;
+    if assigned != Some(true) {
+        return Ok(Vec::new());
+    }
     let now = Utc::now();
     let mut due = if include_sent {
         command::Entity::find()
@@ -693,14 +710,16 @@ pub async fn push_due(
     Ok(due)
 }
 
-/// Devices that have `pending` commands: how commands queued by other processes (the CLI,
-/// another replica) are noticed. Reads the `(status, expires_at)` index.
+/// Assigned devices that have `pending` commands: how commands queued by other processes (the
+/// CLI, another replica), and those of a device assigned since they were queued, are noticed.
+/// Reads the `(status, expires_at)` index.
 pub async fn devices_with_pending(db: &Db) -> Result<Vec<i32>> {
     use sea_orm::QuerySelect;
     Ok(command::Entity::find()
         .select_only()
         .column(command::Column::DeviceId)
         .filter(command::Column::Status.eq(Status::Pending.as_str()))
+        .filter(Expr::cust(ASSIGNED))
         .distinct()
         .into_tuple::<i32>()
         .all(db.conn())

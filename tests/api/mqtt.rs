@@ -1001,6 +1001,42 @@ async fn staff_logins_are_refused_with_the_matching_connack_code() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unassigned_device_gets_its_commands_only_once_assigned() {
+    // The look for commands the bus did not announce runs every 100 ms here.
+    let app = crate::helpers::spawn_mqtt_app_with(|s| s.mqtt_command_poll_ms = 100).await;
+    let device = app.handshake("AA:00:00:00:00:33").await;
+    let mut client = connect(&app, &device).await;
+    client.subscribe(&topic(&device, "commands")).await;
+    let queued = create_command(&app, &device, "REBOOT", 0).await;
+    // Neither the announcement nor the periodic look delivers it (HTTP polls are refused too).
+    client.receives_nothing().await;
+    app.poll(&device)
+        .await
+        .assert_error(401, "device_unassigned");
+    assert_eq!(command_row(&app, &queued).await.status, "pending");
+    // A new subscription does not either.
+    drop(client);
+    let mut client = connect(&app, &device).await;
+    client.subscribe(&topic(&device, "commands")).await;
+    client.receives_nothing().await;
+    assert_eq!(command_row(&app, &queued).await.status, "pending");
+
+    // Assigned by an operator in another process: the connected device gets it.
+    app.admin(&["device", "assign", &device.device_id, "--machine", "M-33"]);
+    let pushed = client.receive(&topic(&device, "commands")).await;
+    assert_eq!(pushed["command_id"], queued);
+    let row = command_row(&app, &queued).await;
+    assert_eq!(row.status, "sent");
+    assert_eq!(row.channel.as_deref(), Some("mqtt"));
+
+    // Unassigned again: the next command waits.
+    app.admin(&["device", "unassign", &device.device_id]);
+    let waiting = create_command(&app, &device, "RESET", 0).await;
+    client.receives_nothing().await;
+    assert_eq!(command_row(&app, &waiting).await.status, "pending");
+}
+
 /// Command push latency, from creation (through the domain) to receipt, with `N` devices
 /// connected and subscribed. A measurement, not a check: run by `bench/mqtt.sh` with
 /// `cargo test --release --test api -- --ignored --nocapture command_push_latency`
@@ -1023,6 +1059,16 @@ async fn command_push_latency() {
         let device = app
             .handshake(&format!("02:BE:00:00:{:02X}:{:02X}", i >> 8, i & 255))
             .await;
+        // Only devices bound to a machine are sent commands.
+        ozone::domain::fleet::assign_by_code(
+            &app.state.db,
+            &app.state.tokens,
+            &device.device_id,
+            &format!("BENCH-{i}"),
+            None,
+        )
+        .await
+        .expect("assign");
         let (client, mut eventloop) = AsyncClient::new(
             options(&app, &device.device_id, &device.device_id, &device.token),
             16,
