@@ -20,10 +20,11 @@ use crate::{
         self,
         limits::Limits,
         staff::auth::LoginLimits,
-        tls::{TlsAcceptor, TlsFiles},
+        tls::{TlsAcceptor, ALPN},
     },
     mqtt,
     state::BrokerHealth,
+    tls::TlsFiles,
 };
 
 pub struct Application {
@@ -98,7 +99,12 @@ impl Application {
                 let (Some(cert), Some(key)) = (&settings.tls_cert, &settings.tls_key) else {
                     anyhow::bail!("https_addr needs tls_cert and tls_key");
                 };
-                let files = TlsFiles::load(cert.as_ref(), key.as_ref())?;
+                let files = TlsFiles::load(
+                    cert.as_ref(),
+                    key.as_ref(),
+                    ALPN,
+                    settings.tls_handshake_timeout(),
+                )?;
                 let tcp = TcpListener::bind(addr.clone())
                     .into_acceptor()
                     .await
@@ -123,7 +129,7 @@ impl Application {
         let checkpointer = spawn_checkpointer(db.clone(), stopped.clone());
         let tokens = TokenCache::new(Duration::from_millis(settings.token_cache_ttl_ms));
         let login_limits = LoginLimits::new(settings.login_attempts_per_minute);
-        let mqtt_enabled = settings.mqtt_enabled();
+        let broker_enabled = settings.broker_enabled();
         let state = Arc::new(AppState {
             legacy: settings.legacy_policy(),
             settings,
@@ -134,7 +140,7 @@ impl Application {
             limits,
             auth,
             login_limits,
-            broker: BrokerHealth::new(mqtt_enabled),
+            broker: BrokerHealth::new(broker_enabled),
         });
         let broker = mqtt::Broker::start(state.clone()).await?;
         let upkeep = http::metrics::spawn_upkeep(stopped.clone());
@@ -173,7 +179,12 @@ impl Application {
 
     /// Where the embedded MQTT broker listens; `None` when MQTT is off.
     pub fn mqtt_addr(&self) -> Option<SocketAddr> {
-        self.broker.as_ref().map(mqtt::Broker::addr)
+        self.broker.as_ref().and_then(mqtt::Broker::addr)
+    }
+
+    /// Where the broker listens for MQTT over TLS; `None` when `mqtts_addr` is off.
+    pub fn mqtts_addr(&self) -> Option<SocketAddr> {
+        self.broker.as_ref().and_then(mqtt::Broker::tls_addr)
     }
 
     pub fn state(&self) -> Arc<AppState> {

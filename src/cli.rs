@@ -41,6 +41,9 @@ pub struct Cli {
     /// Embedded MQTT broker listen address [env: OZONE_MQTT_ADDR] [default: 0.0.0.0:1883]
     #[arg(long, global = true)]
     pub mqtt_addr: Option<String>,
+    /// MQTT over TLS listen address, e.g. 0.0.0.0:8883; empty is off [env: OZONE_MQTTS_ADDR]
+    #[arg(long, global = true)]
+    pub mqtts_addr: Option<String>,
     /// Database URL [env: DATABASE_URL] [default: sqlite://ozone.db?mode=rwc]
     #[arg(long, global = true)]
     pub database_url: Option<String>,
@@ -151,6 +154,7 @@ pub fn main(cli: Cli) -> ExitCode {
     let overrides = Overrides {
         http_addr: cli.http_addr.clone(),
         mqtt_addr: cli.mqtt_addr.clone(),
+        mqtts_addr: cli.mqtts_addr.clone(),
         database_url: cli.database_url.clone(),
     };
     let settings = match Settings::load(cli.config.as_deref(), &overrides) {
@@ -369,15 +373,17 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     } else {
         addr.to_string()
     };
-    let mqtt = match app.mqtt_addr() {
-        Some(m) if m.ip().is_unspecified() => format!("mqtt://localhost:{}", m.port()),
-        Some(m) => format!("mqtt://{m}"),
+    let shown_mqtt = |scheme: &str, addr: Option<std::net::SocketAddr>| match addr {
+        Some(m) if m.ip().is_unspecified() => format!("{scheme}://localhost:{}", m.port()),
+        Some(m) => format!("{scheme}://{m}"),
         None => "off".to_owned(),
     };
+    let mqtt = shown_mqtt("mqtt", app.mqtt_addr());
+    let mqtts = shown_mqtt("mqtts", app.mqtts_addr());
     tracing::info!(
         http = %addr,
         database = %crate::config::redact_url(&settings.database_url),
-        "ozone is up: firmware API at http://{shown}/api/, health at http://{shown}/healthz, MQTT broker at {mqtt}"
+        "ozone is up: firmware API at http://{shown}/api/, health at http://{shown}/healthz, MQTT broker at {mqtt}, MQTT over TLS at {mqtts}"
     );
     app.run_until_stopped(app::shutdown_signal()).await
 }

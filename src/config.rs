@@ -16,6 +16,10 @@ pub struct Settings {
     pub http_addr: String,
     /// Listener of the embedded MQTT broker.
     pub mqtt_addr: String,
+    /// MQTT over TLS (conventionally `0.0.0.0:8883`), with the same authentication, topic rules
+    /// and limits as `mqtt_addr`; empty turns it off. Needs `mqtts_cert` and `mqtts_key` (or
+    /// `tls_cert` and `tls_key`).
+    pub mqtts_addr: String,
     /// `sqlite://…` or `postgres://…`. May hold a password: never printed.
     pub database_url: String,
     /// Connections in the database pool.
@@ -97,6 +101,13 @@ pub struct Settings {
     pub tls_cert: Option<String>,
     /// PEM private key (PKCS#8, PKCS#1 or SEC1) for `https_addr`.
     pub tls_key: Option<String>,
+    /// PEM certificate chain (leaf first) and private key for `mqtts_addr`; when unset,
+    /// `tls_cert` and `tls_key` serve both listeners. Read again on SIGHUP.
+    pub mqtts_cert: Option<String>,
+    pub mqtts_key: Option<String>,
+    /// A TLS client that has not finished its handshake within this time is dropped
+    /// (milliseconds; HTTPS and MQTTS).
+    pub tls_handshake_timeout_ms: u64,
     /// A listener of its own for `/metrics` (e.g. `127.0.0.1:9100`); the main listener then
     /// answers 404 there. With neither this nor a token, only loopback clients may scrape.
     pub metrics_addr: Option<String>,
@@ -150,6 +161,7 @@ impl Default for Settings {
         Settings {
             http_addr: "0.0.0.0:8000".into(),
             mqtt_addr: "0.0.0.0:1883".into(),
+            mqtts_addr: String::new(),
             database_url: "sqlite://ozone.db?mode=rwc".into(),
             db_max_connections: 8,
             db_connect_timeout_secs: 10,
@@ -186,6 +198,9 @@ impl Default for Settings {
             https_addr: None,
             tls_cert: None,
             tls_key: None,
+            mqtts_cert: None,
+            mqtts_key: None,
+            tls_handshake_timeout_ms: 10_000,
             mqtt_max_connections: 20_000,
             mqtt_max_payload_bytes: 64 * 1024,
             mqtt_keep_alive_min_secs: 5,
@@ -209,6 +224,8 @@ pub struct Overrides {
     pub http_addr: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mqtt_addr: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mqtts_addr: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub database_url: Option<String>,
 }
@@ -277,6 +294,14 @@ impl Settings {
             "https_addr needs tls_cert and tls_key"
         );
         anyhow::ensure!(
+            !self.mqtts_enabled() || self.mqtts_files().is_some(),
+            "mqtts_addr needs mqtts_cert and mqtts_key (or tls_cert and tls_key)"
+        );
+        anyhow::ensure!(
+            self.tls_handshake_timeout_ms >= 1,
+            "tls_handshake_timeout_ms must be >= 1"
+        );
+        anyhow::ensure!(
             self.mqtt_max_payload_bytes >= 1024,
             "mqtt_max_payload_bytes must be >= 1024"
         );
@@ -315,6 +340,32 @@ impl Settings {
         !self.mqtt_addr.trim().is_empty()
     }
 
+    /// Whether the embedded broker runs: on when it has a plain or a TLS listener.
+    pub fn broker_enabled(&self) -> bool {
+        self.mqtt_enabled() || self.mqtts_enabled()
+    }
+
+    /// MQTT over TLS is off when its address is empty (the default).
+    pub fn mqtts_enabled(&self) -> bool {
+        !self.mqtts_addr.trim().is_empty()
+    }
+
+    /// The certificate chain and key of `mqtts_addr`: its own, else those of `https_addr`.
+    pub fn mqtts_files(&self) -> Option<(&str, &str)> {
+        match (&self.mqtts_cert, &self.mqtts_key) {
+            (Some(cert), Some(key)) => Some((cert, key)),
+            (None, None) => match (&self.tls_cert, &self.tls_key) {
+                (Some(cert), Some(key)) => Some((cert, key)),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
+    pub fn tls_handshake_timeout(&self) -> Duration {
+        Duration::from_millis(self.tls_handshake_timeout_ms.max(1))
+    }
+
     pub fn is_sqlite(&self) -> bool {
         self.database_url.starts_with("sqlite:")
     }
@@ -343,6 +394,7 @@ impl fmt::Debug for Settings {
         f.debug_struct("Settings")
             .field("http_addr", &self.http_addr)
             .field("mqtt_addr", &self.mqtt_addr)
+            .field("mqtts_addr", &self.mqtts_addr)
             .field("database_url", &redact_url(&self.database_url))
             .field("db_max_connections", &self.db_max_connections)
             .field("db_connect_timeout_secs", &self.db_connect_timeout_secs)
@@ -379,6 +431,9 @@ impl fmt::Debug for Settings {
             .field("https_addr", &self.https_addr)
             .field("tls_cert", &self.tls_cert)
             .field("tls_key", &self.tls_key)
+            .field("mqtts_cert", &self.mqtts_cert)
+            .field("mqtts_key", &self.mqtts_key)
+            .field("tls_handshake_timeout_ms", &self.tls_handshake_timeout_ms)
             .field("mqtt_max_connections", &self.mqtt_max_connections)
             .field("mqtt_max_payload_bytes", &self.mqtt_max_payload_bytes)
             .field("mqtt_keep_alive_min_secs", &self.mqtt_keep_alive_min_secs)

@@ -3,7 +3,8 @@
 //!
 //! `domain` holds every behaviour, free of transports; `http` adapts it to the firmware HTTP
 //! contract and `mqtt` to the MQTT contract (embedded broker); `db` owns the connection and
-//! entities; `app` wires them; `cli` is the operator's command line.
+//! entities; `tls` holds the certificate both transports' TLS listeners serve; `app` wires
+//! them; `cli` is the operator's command line.
 
 pub mod app;
 pub mod cli;
@@ -14,6 +15,7 @@ pub mod error;
 pub mod http;
 pub mod mqtt;
 pub mod state;
+pub mod tls;
 
 pub use app::Application;
 pub use config::Settings;

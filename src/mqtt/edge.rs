@@ -40,7 +40,7 @@ use super::{
     topics::{DeviceFilter, DeviceTopic, Topics},
     MqttSettings,
 };
-use crate::{domain::devices::AuthenticatedDevice, error::Error, state::AppState};
+use crate::{domain::devices::AuthenticatedDevice, error::Error, state::AppState, tls::TlsFiles};
 
 /// Something the bridge hands to a device's connection.
 #[derive(Debug)]
@@ -211,8 +211,10 @@ impl Edge {
     }
 }
 
-/// Accepts connections until `stop` turns true; each is served on its own task.
-pub async fn accept_loop(edge: Arc<Edge>, listener: TcpListener) {
+/// Accepts connections until `stop` turns true; each is served on its own task. With `tls`,
+/// that task first runs the TLS handshake (bounded in time), so a client that stalls or sends
+/// garbage there holds up only itself.
+pub async fn accept_loop(edge: Arc<Edge>, listener: TcpListener, tls: Option<TlsFiles>) {
     let mut stop = edge.stop.clone();
     loop {
         let accepted = tokio::select! {
@@ -223,7 +225,22 @@ pub async fn accept_loop(edge: Arc<Edge>, listener: TcpListener) {
             Ok((socket, peer)) => {
                 let _ = socket.set_nodelay(true);
                 let edge = edge.clone();
-                tokio::spawn(async move { serve(edge, Box::new(socket), peer).await });
+                match &tls {
+                    None => {
+                        tokio::spawn(async move { serve(edge, Box::new(socket), peer).await });
+                    }
+                    Some(files) => {
+                        let handshake = files.handshake(socket);
+                        tokio::spawn(async move {
+                            match handshake.await {
+                                Ok(stream) => serve(edge, Box::new(stream), peer).await,
+                                Err(err) => {
+                                    tracing::debug!(%peer, error = %err, "MQTT TLS handshake failed")
+                                }
+                            }
+                        });
+                    }
+                }
             }
             Err(err) => {
                 // Out of file descriptors and the like: back off instead of spinning.

@@ -3,6 +3,9 @@
 //! pushes commands, `staff` serves integrators through rumqttd's router, `topics` is the topic
 //! contract, `codec` frames packets with `rumqttd::protocol`.
 //!
+//! Listeners: plain MQTT on `mqtt_addr` and MQTT over TLS on `mqtts_addr`, served by the same
+//! edge (authentication, topic rules and limits do not depend on the transport).
+//!
 //! Threads: rumqttd's router runs on its own OS thread; connections run on a runtime of their
 //! own (`mqtt_threads` workers), because rumqttd's link calls may block; database work hops to
 //! the application's runtime.
@@ -26,7 +29,7 @@ use tokio::{
     task::JoinHandle,
 };
 
-use crate::{config::Settings, domain::status, state::AppState};
+use crate::{config::Settings, domain::status, state::AppState, tls::TlsFiles};
 
 pub use topics::Topics;
 
@@ -65,28 +68,61 @@ impl MqttSettings {
 
 /// The running broker.
 pub struct Broker {
-    addr: SocketAddr,
+    addr: Option<SocketAddr>,
+    tls_addr: Option<SocketAddr>,
     state: Arc<AppState>,
     edge: Arc<edge::Edge>,
     stop: watch::Sender<bool>,
     runtime: tokio::runtime::Runtime,
     watcher: JoinHandle<()>,
     presence: JoinHandle<()>,
+    reloader: Option<JoinHandle<()>>,
+}
+
+/// Binds a listener of the broker; `what` names the setting in errors.
+fn bind(addr: &str, what: &str) -> anyhow::Result<std::net::TcpListener> {
+    let listener = std::net::TcpListener::bind(addr.trim())
+        .with_context(|| format!("cannot listen for MQTT on {addr} ({what})"))?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
 }
 
 impl Broker {
-    /// Starts the broker on `settings.mqtt_addr`; `None` when MQTT is turned off.
+    /// Starts the broker on `settings.mqtt_addr` and, when set, `settings.mqtts_addr`; `None`
+    /// when both are off.
     pub async fn start(state: Arc<AppState>) -> anyhow::Result<Option<Broker>> {
         let settings = &state.settings;
-        if !settings.mqtt_enabled() {
+        if !settings.broker_enabled() {
             return Ok(None);
         }
+        // Certificate problems stop the start before anything runs.
+        let tls = match settings.mqtts_files() {
+            Some((cert, key)) if settings.mqtts_enabled() => Some(
+                TlsFiles::load(
+                    cert.as_ref(),
+                    key.as_ref(),
+                    &[],
+                    settings.tls_handshake_timeout(),
+                )
+                .context("mqtts_addr")?,
+            ),
+            None if settings.mqtts_enabled() => {
+                anyhow::bail!("mqtts_addr needs mqtts_cert and mqtts_key (or tls_cert and tls_key)")
+            }
+            _ => None,
+        };
+        let listener = match settings.mqtt_enabled() {
+            true => Some(bind(&settings.mqtt_addr, "mqtt_addr")?),
+            false => None,
+        };
+        let tls_listener = match &tls {
+            Some(_) => Some(bind(&settings.mqtts_addr, "mqtts_addr")?),
+            None => None,
+        };
+        let addr = listener.as_ref().map(|l| l.local_addr()).transpose()?;
+        let tls_addr = tls_listener.as_ref().map(|l| l.local_addr()).transpose()?;
         // Connections of a previous run are gone, whatever the database says.
         status::clear_mqtt_connected(&state.db).await?;
-        let listener = std::net::TcpListener::bind(settings.mqtt_addr.trim())
-            .with_context(|| format!("cannot listen for MQTT on {}", settings.mqtt_addr))?;
-        listener.set_nonblocking(true)?;
-        let addr = listener.local_addr()?;
 
         let topics = Topics::new(&settings.mqtt_topic_prefix);
         let router = Router::new(
@@ -140,11 +176,18 @@ impl Broker {
             make_link,
             stopped.clone(),
         ));
-        let listener = {
+        {
             let _entered = runtime.enter();
-            tokio::net::TcpListener::from_std(listener)?
-        };
-        runtime.spawn(edge::accept_loop(edge.clone(), listener));
+            if let Some(listener) = listener {
+                let listener = tokio::net::TcpListener::from_std(listener)?;
+                runtime.spawn(edge::accept_loop(edge.clone(), listener, None));
+            }
+            if let Some(listener) = tls_listener {
+                let listener = tokio::net::TcpListener::from_std(listener)?;
+                runtime.spawn(edge::accept_loop(edge.clone(), listener, tls.clone()));
+            }
+        }
+        let reloader = tls.map(|files| files.spawn_reloader(stopped.clone()));
         let watcher = tokio::spawn(bridge::watch_commands(
             edge.clone(),
             Duration::from_millis(settings.mqtt_command_poll_ms.max(10)),
@@ -153,17 +196,25 @@ impl Broker {
         state.broker.set_listening(true);
         Ok(Some(Broker {
             addr,
+            tls_addr,
             state,
             edge,
             stop,
             runtime,
             watcher,
             presence,
+            reloader,
         }))
     }
 
-    pub fn addr(&self) -> SocketAddr {
+    /// The plain MQTT listener's address; `None` when `mqtt_addr` is off.
+    pub fn addr(&self) -> Option<SocketAddr> {
         self.addr
+    }
+
+    /// The MQTT-over-TLS listener's address; `None` when `mqtts_addr` is off.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls_addr
     }
 
     /// Something that stops the listener and closes every connection when it resolves.
@@ -181,6 +232,9 @@ impl Broker {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let _ = self.watcher.await;
+        if let Some(reloader) = self.reloader {
+            let _ = reloader.await;
+        }
         let runtime = self.runtime;
         let _ = tokio::task::spawn_blocking(move || {
             runtime.shutdown_timeout(Duration::from_secs(1));

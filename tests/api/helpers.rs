@@ -18,6 +18,8 @@ pub struct TestApp {
     pub https_addr: Option<SocketAddr>,
     /// The embedded MQTT broker, when the test turned it on (see [`spawn_mqtt_app`]).
     pub mqtt: Option<SocketAddr>,
+    /// Its MQTT-over-TLS listener, when the test set `mqtts_addr`.
+    pub mqtts: Option<SocketAddr>,
     pub base: String,
     pub database_url: String,
     pub http: reqwest::Client,
@@ -157,6 +159,7 @@ async fn spawn_app_on(
     let metrics_addr = app.metrics_addr();
     let https_addr = app.https_addr();
     let mqtt = app.mqtt_addr();
+    let mqtts = app.mqtts_addr();
     let state = app.state();
     let (stop, stopped) = oneshot::channel::<()>();
     let server = tokio::spawn(app.run_until_stopped(async {
@@ -167,6 +170,7 @@ async fn spawn_app_on(
         metrics_addr,
         https_addr,
         mqtt,
+        mqtts,
         base: format!("http://{addr}"),
         database_url,
         http: reqwest::Client::new(),

@@ -1037,6 +1037,323 @@ async fn an_unassigned_device_gets_its_commands_only_once_assigned() {
     assert_eq!(command_row(&app, &waiting).await.status, "pending");
 }
 
+/// The app with an MQTT-over-TLS listener whose certificate (for `localhost`) a test CA
+/// signed; returns the app, the CA's PEM file and the certificate and key files.
+async fn spawn_mqtts_app(
+    dir: &std::path::Path,
+    configure: impl FnOnce(&mut ozone::Settings),
+) -> (
+    TestApp,
+    std::path::PathBuf,
+    std::path::PathBuf,
+    std::path::PathBuf,
+) {
+    let (cert, key, ca) = (
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+        dir.join("ca.pem"),
+    );
+    std::fs::write(&ca, crate::tls::issue(&cert, &key)).unwrap();
+    let (c, k) = (cert.display().to_string(), key.display().to_string());
+    let app = crate::helpers::spawn_mqtt_app_with(|s| {
+        s.mqtts_addr = "127.0.0.1:0".into();
+        s.mqtts_cert = Some(c);
+        s.mqtts_key = Some(k);
+        configure(s);
+    })
+    .await;
+    assert!(app.mqtts.is_some(), "the app has an MQTTS listener");
+    (app, ca, cert, key)
+}
+
+/// rumqttc over rustls to the TLS listener, trusting only `ca`.
+fn tls_options(
+    app: &TestApp,
+    ca: &std::path::Path,
+    client_id: &str,
+    user: &str,
+    password: &str,
+) -> MqttOptions {
+    use rumqttc::tokio_rustls::rustls::{self, pki_types::pem::PemObject, RootCertStore};
+    let mut roots = RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let port = app.mqtts.unwrap().port();
+    let mut options = MqttOptions::new(client_id, "localhost", port);
+    options.set_credentials(user, password);
+    options.set_keep_alive(Duration::from_secs(5));
+    options.set_transport(rumqttc::Transport::tls_with_config(
+        rumqttc::TlsConfiguration::Rustls(std::sync::Arc::new(config)),
+    ));
+    options
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_speak_mqtt_over_tls_under_the_same_rules() {
+    let dir = tempfile::tempdir().unwrap();
+    let (app, ca, _, _) = spawn_mqtts_app(dir.path(), |_| {}).await;
+    let device = app.assigned_device("AA:00:00:00:00:40", "M-40").await;
+    let other = app.handshake("AA:00:00:00:00:41").await;
+    let tls =
+        |d: &Device, password: &str| tls_options(&app, &ca, &d.device_id, &d.device_id, password);
+    // The same authentication and CONNACK codes as plain MQTT.
+    assert_eq!(
+        refused_code(tls(&device, "not-the-token")).await,
+        ConnectReturnCode::BadUserNamePassword
+    );
+    assert_eq!(
+        refused_code(tls(&device, &other.token)).await,
+        ConnectReturnCode::NotAuthorized
+    );
+    let mut client = connect_with(tls(&device, &device.token))
+        .await
+        .expect("device connects over TLS");
+    presence_becomes(&app, &device.device_id, true).await;
+    // The same topic rules.
+    assert_eq!(
+        client.subscribe("ozone/#").await,
+        vec![rumqttc::SubscribeReasonCode::Failure]
+    );
+    client.subscribe(&topic(&device, "commands")).await;
+    client.subscribe(&topic(&device, "events/ack")).await;
+    let command_id = create_command(&app, &device, "REBOOT", 0).await;
+    assert_eq!(
+        client.receive(&topic(&device, "commands")).await["command_id"],
+        command_id
+    );
+    client
+        .publish(&topic(&device, "events"), event_body(&device, "over-tls"))
+        .await;
+    assert_eq!(
+        client.receive(&topic(&device, "events/ack")).await,
+        json!({"ack": true, "event_id": "over-tls"})
+    );
+    assert_eq!(stored_events(&app, "over-tls").await, 1);
+    // Staff log in over TLS too.
+    integrator(&app, "integrator").await;
+    let mut staff = connect_with(tls_options(&app, &ca, "dash", "integrator", STAFF_PASSWORD))
+        .await
+        .expect("staff connects over TLS");
+    assert!(matches!(
+        staff.subscribe("ozone/devices/+/events").await[..],
+        [rumqttc::SubscribeReasonCode::Success(_)]
+    ));
+    // Plain MQTT keeps serving beside it.
+    let _plain = connect(&app, &other).await;
+
+    // Mosquitto's client, verifying the certificate against the test CA.
+    if !mosquitto_clients() {
+        return;
+    }
+    let port = app.mqtts.unwrap().port().to_string();
+    for version in ["mqttv311", "mqttv5"] {
+        let event_id = format!("mosq-tls-{version}");
+        let args: Vec<String> = [
+            "-h",
+            "localhost",
+            "-p",
+            &port,
+            "--cafile",
+            &ca.display().to_string(),
+            "-i",
+            &device.device_id,
+            "-u",
+            &device.device_id,
+            "-P",
+            &device.token,
+            "-q",
+            "1",
+            "-V",
+            version,
+            "-t",
+            &topic(&device, "events"),
+            "-m",
+            &event_body(&device, &event_id).to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let out = mosquitto("mosquitto_pub", args).await;
+        assert!(out.status.success(), "{out:?}");
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while stored_events(&app, &event_id).await == 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{event_id} never stored"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    // A wrong password over TLS: the CONNACK code reaches Mosquitto's client as well.
+    let args: Vec<String> = [
+        "-h",
+        "localhost",
+        "-p",
+        &port,
+        "--cafile",
+        &ca.display().to_string(),
+        "-i",
+        &device.device_id,
+        "-u",
+        &device.device_id,
+        "-P",
+        "wrong",
+        "-t",
+        "x",
+        "-m",
+        "{}",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let out = mosquitto("mosquitto_pub", args).await;
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .to_lowercase()
+            .contains("user name or password"),
+        "{out:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_or_garbage_tls_clients_hold_up_nobody_and_are_dropped_in_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let (app, ca, _, _) = spawn_mqtts_app(dir.path(), |s| s.tls_handshake_timeout_ms = 3_000).await;
+    let device = app.assigned_device("AA:00:00:00:00:42", "M-42").await;
+    let addr = app.mqtts.unwrap();
+    // One client opens TCP and says nothing; another sends garbage instead of a ClientHello.
+    let mut silent = TcpStream::connect(addr).await.unwrap();
+    let mut garbage = TcpStream::connect(addr).await.unwrap();
+    garbage
+        .write_all(b"\x16\x03\x01\xff\xffGARBAGE")
+        .await
+        .unwrap();
+    // Meanwhile a device connects and is served.
+    let mut client = connect_with(tls_options(
+        &app,
+        &ca,
+        &device.device_id,
+        &device.device_id,
+        &device.token,
+    ))
+    .await
+    .expect("connects while others stall");
+    client.subscribe(&topic(&device, "commands")).await;
+    // ... while the silent client's handshake is still pending: nothing waited for it.
+    let mut buf = [0u8; 64];
+    assert!(
+        matches!(silent.try_read(&mut buf), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "the silent client is still waiting for its handshake"
+    );
+    // It is dropped once the handshake time is up (well before the test's own wait).
+    let ended = tokio::time::timeout(WAIT, async {
+        loop {
+            match silent.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => continue,
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the silent TLS client is dropped");
+    let ended = tokio::time::timeout(WAIT, async {
+        loop {
+            match garbage.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => continue,
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the garbage client is dropped");
+    // The device is still served.
+    let command_id = create_command(&app, &device, "REBOOT", 0).await;
+    assert_eq!(
+        client.receive(&topic(&device, "commands")).await["command_id"],
+        command_id
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mqtts_certificate_is_reloaded_on_sighup() {
+    let dir = tempfile::tempdir().unwrap();
+    let (app, first_ca, cert, key) = spawn_mqtts_app(dir.path(), |_| {}).await;
+    let device = app.handshake("AA:00:00:00:00:43").await;
+    let first = connect_with(tls_options(
+        &app,
+        &first_ca,
+        &device.device_id,
+        &device.device_id,
+        &device.token,
+    ))
+    .await
+    .expect("connects with the first certificate");
+    drop(first);
+    let second_ca = dir.path().join("second-ca.pem");
+    std::fs::write(&second_ca, crate::tls::issue(&cert, &key)).unwrap();
+    let sent = std::process::Command::new("kill")
+        .args(["-HUP", &std::process::id().to_string()])
+        .status()
+        .expect("kill -HUP");
+    assert!(sent.success());
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let attempt = connect_with(tls_options(
+            &app,
+            &second_ca,
+            &device.device_id,
+            &device.device_id,
+            &device.token,
+        ))
+        .await;
+        match attempt {
+            Ok(_) => break,
+            Err(err) if tokio::time::Instant::now() > deadline => {
+                panic!("new certificate not served: {err:?}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    // New connections no longer get the old one.
+    assert!(connect_with(tls_options(
+        &app,
+        &first_ca,
+        &device.device_id,
+        &device.device_id,
+        &device.token,
+    ))
+    .await
+    .is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mqtts_listener_without_a_readable_certificate_stops_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let settings = ozone::Settings {
+        http_addr: "127.0.0.1:0".into(),
+        mqtt_addr: "127.0.0.1:0".into(),
+        mqtts_addr: "127.0.0.1:0".into(),
+        mqtts_cert: Some(dir.path().join("missing.pem").display().to_string()),
+        mqtts_key: Some(dir.path().join("missing.key").display().to_string()),
+        database_url: format!("sqlite://{}?mode=rwc", dir.path().join("o.db").display()),
+        ..ozone::Settings::default()
+    };
+    let err = ozone::Application::build(settings)
+        .await
+        .err()
+        .expect("no start without a certificate");
+    assert!(format!("{err:#}").contains("missing.pem"), "{err:#}");
+}
+
 /// Command push latency, from creation (through the domain) to receipt, with `N` devices
 /// connected and subscribed. A measurement, not a check: run by `bench/mqtt.sh` with
 /// `cargo test --release --test api -- --ignored --nocapture command_push_latency`

@@ -6,20 +6,29 @@ use std::{
     time::{Duration, Instant},
 };
 
-use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair,
+};
 
 use crate::helpers::{spawn_app_with, TestApp};
 
-/// A CA and a `localhost` certificate it signed; returns the CA's PEM.
-fn issue(cert: &Path, key: &Path) -> String {
+/// A CA and a `localhost` certificate it signed; returns the CA's PEM. Subject names differ
+/// (OpenSSL, which Mosquitto's clients use, takes a leaf named like its issuer for self-signed).
+pub fn issue(cert: &Path, key: &Path) -> String {
     let ca_key = KeyPair::generate().expect("CA key");
     let mut ca = CertificateParams::new(Vec::<String>::new()).expect("CA params");
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name = DistinguishedName::new();
+    ca.distinguished_name
+        .push(DnType::CommonName, "Ozone test CA");
     let ca_cert = ca.self_signed(&ca_key).expect("CA certificate");
     let issuer = Issuer::new(ca, ca_key);
     let leaf_key = KeyPair::generate().expect("leaf key");
-    let leaf = CertificateParams::new(vec!["localhost".to_owned()])
-        .expect("leaf params")
+    let mut leaf = CertificateParams::new(vec!["localhost".to_owned()]).expect("leaf params");
+    leaf.distinguished_name = DistinguishedName::new();
+    leaf.distinguished_name
+        .push(DnType::CommonName, "localhost");
+    let leaf = leaf
         .signed_by(&leaf_key, &issuer)
         .expect("leaf certificate");
     std::fs::write(cert, leaf.pem()).expect("write certificate");
@@ -105,6 +114,8 @@ async fn an_unreadable_certificate_stops_the_start_with_a_clear_error() {
     let mut settings = ozone::Settings {
         http_addr: "127.0.0.1:0".into(),
         database_url: format!("sqlite://{}?mode=rwc", dir.path().join("o.db").display()),
+        // This test needs no broker (and must not hold port 1883).
+        mqtt_addr: String::new(),
         https_addr: Some("127.0.0.1:0".into()),
         tls_cert: Some(dir.path().join("missing.pem").display().to_string()),
         tls_key: Some(dir.path().join("missing.key").display().to_string()),
