@@ -318,6 +318,8 @@ async fn bad_parameters_are_answered_with_4xx_json() {
         for (query, status, code) in [
             ("tz=Mars/Olympus", 422, "invalid_tz"),
             ("granularity=week", 422, "invalid_granularity"),
+            ("granularity=", 422, "invalid_granularity"),
+            ("granularity=DAY", 422, "invalid_granularity"),
             ("start=2025-02-01&end=2025-01-01", 422, "invalid_range"),
             ("start=yesterday", 422, "invalid_time"),
             ("device_id=a%00b", 422, "invalid_parameter"),
@@ -363,8 +365,6 @@ async fn bad_parameters_are_answered_with_4xx_json() {
             "outlet_not_found",
         ),
         ("/api/machines/7/logs/", 404, "machine_not_found"),
-        ("/api/machines/7/logs/?limit=0", 422, "invalid_limit"),
-        ("/api/machines/7/logs/?offset=-1", 422, "invalid_offset"),
     ] {
         app.staff_get(path, &viewer)
             .await
@@ -374,6 +374,9 @@ async fn bad_parameters_are_answered_with_4xx_json() {
         "/api/events/analytics/?days=0",
         "/api/export/?days=4000",
         "/api/machines/x/logs/",
+        "/api/machines/7/logs/?limit=0",
+        "/api/machines/7/logs/?limit=1001",
+        "/api/machines/7/logs/?offset=-1",
     ] {
         let r = app.staff_get(path, &viewer).await;
         assert_eq!(r.status, 400, "{path}: {}", r.body);

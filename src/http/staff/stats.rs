@@ -2,7 +2,7 @@
 //! `/api/test/stats-export.csv`, `/api/events/analytics/`, `/api/export/` (raw events as a
 //! streamed CSV), `/api/flush/` and `/api/machines/{id}/logs/`.
 
-use std::sync::Arc;
+use std::{borrow::Cow, sync::Arc};
 
 use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
@@ -10,6 +10,8 @@ use poem::{web::Data, Body, Request};
 use poem_openapi::{
     param::{Path, Query},
     payload::{Binary, Json},
+    registry::{MetaSchema, MetaSchemaRef},
+    types::{ParseFromParameter, ParseResult, Type},
     ApiResponse, Object, OpenApi,
 };
 
@@ -99,6 +101,7 @@ pub struct PeriodDto {
     pub starts: Vec<String>,
     pub series: SeriesDto,
     /// The moving averages, when `ma` > 0.
+    #[oai(nullable)]
     pub ma: Option<AveragesDto>,
     pub totals: TotalsDto,
 }
@@ -136,8 +139,10 @@ pub struct StatsDto {
     /// Running sums when `cumulative`.
     pub series: SeriesDto,
     /// Trailing moving averages over `ma_window` buckets, when asked.
+    #[oai(nullable)]
     pub ma: Option<AveragesDto>,
     pub totals: TotalsDto,
+    #[oai(nullable)]
     pub previous: Option<PeriodDto>,
     pub range: RangeDto,
     pub cumulative: bool,
@@ -179,6 +184,7 @@ pub struct MachineOptionDto {
     pub id: i32,
     pub name: String,
     pub machine_code: String,
+    #[oai(nullable)]
     pub outlet_id: Option<i32>,
 }
 
@@ -186,6 +192,7 @@ pub struct MachineOptionDto {
 pub struct DeviceOptionDto {
     pub device_id: String,
     /// The machine that carries it now.
+    #[oai(nullable)]
     pub machine_id: Option<i32>,
     /// Whether it is bound to the machine asked about now (a device bound there earlier is
     /// listed too: its past events count for that machine).
@@ -246,6 +253,7 @@ pub struct HourCountDto {
 #[derive(Debug, Object)]
 pub struct AnalyticsDto {
     /// The device asked about; null for the whole fleet.
+    #[oai(nullable)]
     pub device_id: Option<String>,
     pub days: i64,
     pub tz: String,
@@ -287,10 +295,13 @@ impl From<Analytics> for AnalyticsDto {
 #[derive(Debug, Object)]
 pub struct FlushBody {
     /// Must be exactly `DELETE ALL TELEMETRY`.
+    #[oai(nullable)]
     pub confirm: Option<String>,
     /// Only events that happened before this time (ISO date-time; a date is its UTC midnight).
+    #[oai(nullable)]
     pub before: Option<String>,
     /// Only this device's events (its id or MAC).
+    #[oai(nullable)]
     pub device_id: Option<String>,
 }
 
@@ -298,7 +309,9 @@ pub struct FlushBody {
 pub struct FlushedDto {
     /// Events deleted.
     pub deleted: u64,
+    #[oai(nullable)]
     pub before: Option<String>,
+    #[oai(nullable)]
     pub device_id: Option<String>,
 }
 
@@ -311,8 +324,10 @@ pub struct LogEntryDto {
     /// `treatment` or `reset`.
     pub event: String,
     /// `BASIC`, `STANDARD` or `PREMIUM` (null on resets).
+    #[oai(nullable)]
     pub treatment: Option<String>,
     /// The device's own treatment counter, when it sent one.
+    #[oai(nullable)]
     pub counter: Option<i64>,
     pub occurred_at: DateTime<Utc>,
     pub received_at: DateTime<Utc>,
@@ -354,8 +369,10 @@ pub struct LogSummaryDto {
     /// Every treatment attributed to the machine, from the events.
     pub totals: TotalsDto,
     /// The device the machine carries now.
+    #[oai(nullable)]
     pub current_device_id: Option<String>,
     /// That device's counters as its status last reported them.
+    #[oai(nullable)]
     pub current_counters: Option<Counts>,
 }
 
@@ -365,7 +382,9 @@ pub struct LogSummaryDto {
 pub struct MachineLogsDto {
     /// Entries in the whole log.
     pub count: u64,
+    #[oai(nullable)]
     pub next: Option<String>,
+    #[oai(nullable)]
     pub previous: Option<String>,
     pub results: Vec<LogEntryDto>,
     pub machine_id: i32,
@@ -400,6 +419,45 @@ impl From<CsvExport> for CsvFile {
     }
 }
 
+/// `granularity` as the client wrote it. The spec lists the four widths (Swagger UI offers
+/// them); any other value is answered with 422 `invalid_granularity`.
+#[derive(Debug, Clone)]
+pub struct GranularityParam(pub String);
+
+impl Type for GranularityParam {
+    const IS_REQUIRED: bool = true;
+    type RawValueType = Self;
+    type RawElementValueType = Self;
+
+    fn name() -> Cow<'static, str> {
+        "string(granularity)".into()
+    }
+
+    fn schema_ref() -> MetaSchemaRef {
+        let mut schema = MetaSchema::new("string");
+        schema.enum_items = GRANULARITIES
+            .map(|g| serde_json::Value::String(g.to_owned()))
+            .to_vec();
+        MetaSchemaRef::Inline(Box::new(schema))
+    }
+
+    fn as_raw_value(&self) -> Option<&Self> {
+        Some(self)
+    }
+
+    fn raw_element_iter<'a>(&'a self) -> Box<dyn Iterator<Item = &'a Self> + 'a> {
+        Box::new(self.as_raw_value().into_iter())
+    }
+}
+
+const GRANULARITIES: [&str; 4] = ["minute", "hour", "day", "month"];
+
+impl ParseFromParameter for GranularityParam {
+    fn parse_from_parameter(value: &str) -> ParseResult<Self> {
+        Ok(GranularityParam(value.to_owned()))
+    }
+}
+
 /// A text query parameter, refused when it holds a NUL (no database stores one).
 fn text(field: &str, value: Option<String>) -> Result<Option<String>> {
     match value {
@@ -412,7 +470,7 @@ fn text(field: &str, value: Option<String>) -> Result<Option<String>> {
 }
 
 fn stats_params(
-    granularity: Option<String>,
+    granularity: Option<GranularityParam>,
     start: Option<String>,
     end: Option<String>,
     days: Option<i64>,
@@ -424,8 +482,16 @@ fn stats_params(
     compare: Option<bool>,
     tz: Option<String>,
 ) -> Result<StatsParams> {
+    if let Some(GranularityParam(g)) = &granularity {
+        if !GRANULARITIES.contains(&g.as_str()) {
+            return Err(Error::invalid(
+                "invalid_granularity",
+                format!("granularity `{g}` is not one of minute, hour, day, month"),
+            ));
+        }
+    }
     Ok(StatsParams {
-        granularity: text("granularity", granularity)?,
+        granularity: text("granularity", granularity.map(|g| g.0))?,
         start: text("start", start)?,
         end: text("end", end)?,
         days,
@@ -456,7 +522,7 @@ impl StatsApi {
         _auth: StaffAuth,
         state: Data<&Arc<AppState>>,
         /// `minute`, `hour`, `day` (default) or `month`.
-        granularity: Query<Option<String>>,
+        granularity: Query<Option<GranularityParam>>,
         /// First bucket: an ISO date (local midnight in `tz`) or date-time.
         start: Query<Option<String>>,
         /// End of the range: a date-time (exclusive) or a date (included).
@@ -530,7 +596,7 @@ impl StatsApi {
         _auth: StaffAuth,
         state: Data<&Arc<AppState>>,
         /// `minute`, `hour`, `day` (default) or `month`.
-        granularity: Query<Option<String>>,
+        granularity: Query<Option<GranularityParam>>,
         /// First bucket: an ISO date (local midnight in `tz`) or date-time.
         start: Query<Option<String>>,
         /// End of the range: a date-time (exclusive) or a date (included).
@@ -683,8 +749,10 @@ impl StatsApi {
         state: Data<&Arc<AppState>>,
         id: Path<i32>,
         /// Items per page (1-1000, default 50).
+        #[oai(validator(minimum(value = "1"), maximum(value = "1000")))]
         limit: Query<Option<i64>>,
         /// Items to skip.
+        #[oai(validator(minimum(value = "0")))]
         offset: Query<Option<i64>>,
     ) -> ApiResult<Json<MachineLogsDto>> {
         let window = page_request(limit.0, offset.0)?;
