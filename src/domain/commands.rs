@@ -15,7 +15,7 @@ use serde_json::{json, Value as Json};
 
 use crate::{
     db::{
-        entities::{command, device, telemetry_event},
+        entities::{command, telemetry_event},
         placeholder, Db,
     },
     domain::{
@@ -202,13 +202,15 @@ pub async fn poll(
     Ok(sent)
 }
 
-/// Whether a device has a pending, unexpired command: a read, no write transaction.
+/// Whether a device has a pending, unexpired command it may be handed (it is bound to a
+/// machine): a read, no write transaction.
 pub async fn has_due(conn: &impl ConnectionTrait, device: i32, now: DateTime<Utc>) -> Result<bool> {
     Ok(command::Entity::find()
         .select_only()
         .column(command::Column::Id)
         .filter(command::Column::DeviceId.eq(device))
         .filter(command::Column::Status.eq(Status::Pending.as_str()))
+        .filter(Expr::cust(ASSIGNED))
         .filter(
             command::Column::ExpiresAt
                 .is_null()
@@ -668,20 +670,12 @@ pub async fn push_due(
     include_sent: bool,
 ) -> Result<Vec<command::Model>> {
     use sea_orm::QueryOrder;
-    let assigned = device::Entity::find_by_id(device)
-        .select_only()
-        .column(device::Column::Assigned)
-        .into_tuple::<bool>()
-        .one(db.conn())
-        .await?;
-    if assigned != Some(true) {
-        return Ok(Vec::new());
-    }
     let now = Utc::now();
     let mut due = if include_sent {
         command::Entity::find()
             .filter(command::Column::DeviceId.eq(device))
             .filter(command::Column::Status.eq(Status::Sent.as_str()))
+            .filter(Expr::cust(ASSIGNED))
             .filter(
                 command::Column::ExpiresAt
                     .is_null()
