@@ -489,4 +489,27 @@ mod tests {
         };
         assert!(!format!("{settings:?}").contains("topsecret"));
     }
+
+    #[test]
+    fn mqtts_takes_its_own_certificate_or_the_https_one() {
+        let mut settings = Settings {
+            mqtts_addr: "0.0.0.0:8883".into(),
+            ..Settings::default()
+        };
+        assert!(settings.validate().is_err(), "no certificate at all");
+        settings.tls_cert = Some("https.pem".into());
+        settings.tls_key = Some("https.key".into());
+        assert_eq!(settings.mqtts_files(), Some(("https.pem", "https.key")));
+        settings.mqtts_cert = Some("mqtts.pem".into());
+        assert_eq!(settings.mqtts_files(), None, "a chain without its key");
+        assert!(settings.validate().is_err());
+        settings.mqtts_key = Some("mqtts.key".into());
+        assert_eq!(settings.mqtts_files(), Some(("mqtts.pem", "mqtts.key")));
+        assert!(settings.validate().is_ok());
+        // A TLS-only broker.
+        settings.mqtt_addr = String::new();
+        assert!(settings.broker_enabled() && !settings.mqtt_enabled());
+        settings.mqtts_addr = " ".into();
+        assert!(!settings.broker_enabled());
+    }
 }

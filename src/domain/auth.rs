@@ -474,3 +474,19 @@ pub async fn revoke_api_token(db: &Db, viewer: &Principal, id: i32) -> Result<ap
     txn.commit().await?;
     Ok(updated)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_credentials_are_told_apart_from_passwords() {
+        assert!(is_bearer_credential("ozt_0123abcd"));
+        assert!(is_bearer_credential(
+            "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.c2lnbmF0dXJl"
+        ));
+        assert!(!is_bearer_credential("correct horse battery"));
+        assert!(!is_bearer_credential("eyJ.only-two"));
+        assert!(!is_bearer_credential("a.b.c"));
+    }
+}
