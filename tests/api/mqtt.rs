@@ -846,6 +846,43 @@ async fn a_staff_subscriber_reads_every_devices_events_and_status_through_wildca
         .await
         .unwrap();
     assert_eq!(staff.receive(&topic(&b, "status")).await, status);
+    // Status is retained: a subscriber that comes later gets each device's last one at once.
+    let mut late = connect_with(options(
+        &app,
+        "dashboard-late",
+        "integrator",
+        STAFF_PASSWORD,
+    ))
+    .await
+    .unwrap();
+    late.subscribe("ozone/devices/+/status").await;
+    assert_eq!(late.receive(&topic(&b, "status")).await, status);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn staff_subscribers_see_a_lost_devices_last_will() {
+    let app = spawn_mqtt_app().await;
+    integrator(&app, "integrator").await;
+    let device = app.handshake("AA:00:00:00:00:34").await;
+    let mut staff = connect_with(options(&app, "dashboard-3", "integrator", STAFF_PASSWORD))
+        .await
+        .unwrap();
+    staff.subscribe("ozone/devices/+/status").await;
+    let mut o = options(&app, &device.device_id, &device.device_id, &device.token);
+    o.set_last_will(LastWill::new(
+        topic(&device, "status"),
+        json!({"online": false}).to_string(),
+        QoS::AtLeastOnce,
+        true,
+    ));
+    let client = connect_with(o).await.unwrap();
+    presence_becomes(&app, &device.device_id, true).await;
+    // The network goes away without a DISCONNECT.
+    drop(client);
+    assert_eq!(
+        staff.receive(&topic(&device, "status")).await,
+        json!({"online": false})
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
