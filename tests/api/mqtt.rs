@@ -1264,7 +1264,14 @@ async fn devices_speak_mqtt_over_tls_under_the_same_rules() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_or_garbage_tls_clients_hold_up_nobody_and_are_dropped_in_time() {
     let dir = tempfile::tempdir().unwrap();
-    let (app, ca, _, _) = spawn_mqtts_app(dir.path(), |s| s.tls_handshake_timeout_ms = 3_000).await;
+    // A TLS-only broker.
+    let (app, ca, _, _) = spawn_mqtts_app(dir.path(), |s| {
+        s.mqtt_addr = String::new();
+        s.tls_handshake_timeout_ms = 3_000;
+    })
+    .await;
+    assert!(app.mqtt.is_none());
+    assert_eq!(app.get("/readyz", None).await.status, 200);
     let device = app.assigned_device("AA:00:00:00:00:42", "M-42").await;
     let addr = app.mqtts.unwrap();
     // One client opens TCP and says nothing; another sends garbage instead of a ClientHello.
