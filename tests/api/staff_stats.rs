@@ -825,3 +825,53 @@ async fn csv_operations_declare_their_media_type_and_bounds_in_the_spec() {
     assert_eq!(days["schema"]["minimum"].as_f64(), Some(1.0));
     assert_eq!(days["schema"]["maximum"].as_f64(), Some(3660.0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_export_streams_past_its_page_size_in_id_order() {
+    use futures_util::stream::{self, StreamExt};
+
+    let app = spawn_app().await;
+    let viewer = app.user("viewer", false, false).await;
+    let d = app.handshake("02:00:00:00:06:01").await;
+    // More events than one page of the export holds, a treatment every 10 s.
+    let n = ozone::domain::export::PAGE_ROWS as usize + 3;
+    let start = crate::helpers::at("2025-03-01T00:00:00Z");
+    stream::iter(0..n)
+        .for_each_concurrent(32, |i| {
+            let (app, d) = (&app, &d);
+            async move {
+                let ts = ozone::domain::wire_time(start + Duration::seconds(10 * i as i64));
+                let t = ["BASIC", "STANDARD", "PREMIUM"][i % 3];
+                treat(app, d, &format!("p{i}"), t, &ts).await;
+            }
+        })
+        .await;
+
+    let csv = download(
+        &app,
+        "/api/export/?start=2025-03-01&end=2025-03-31",
+        &viewer,
+    )
+    .await;
+    assert_eq!(csv.status, 200);
+    let rows = csv_rows(&csv.text);
+    assert_eq!(rows.len(), n);
+    let ids: Vec<i64> = rows.iter().map(|r| r["id"].parse().unwrap()).collect();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids increase");
+    let mut event_ids: Vec<usize> = rows
+        .iter()
+        .map(|r| r["event_id"][1..].parse().unwrap())
+        .collect();
+    event_ids.sort_unstable();
+    assert_eq!(event_ids, (0..n).collect::<Vec<_>>());
+    // The same events, counted by the statistics.
+    let s = app
+        .staff_get(
+            "/api/test/stats/?granularity=month&start=2025-03-01&end=2025-03-31",
+            &viewer,
+        )
+        .await;
+    assert_eq!(s.body["totals"]["total"], n as i64);
+    let premium = rows.iter().filter(|r| r["treatment"] == "PREMIUM").count();
+    assert_eq!(s.body["totals"]["premium"], premium as i64);
+}
