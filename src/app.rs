@@ -117,9 +117,10 @@ impl Application {
             }
             None => (None, None),
         };
-        let (ingestor, ingest_task) = Ingestor::start(db.clone(), settings.ingest_batch_max);
-        let (stop_background, stopped) = watch::channel(false);
         let notifier = Notifier::default();
+        let (ingestor, ingest_task) =
+            Ingestor::start(db.clone(), settings.ingest_batch_max, notifier.clone());
+        let (stop_background, stopped) = watch::channel(false);
         let sweeper = commands::spawn_sweeper(
             db.clone(),
             notifier.clone(),
@@ -141,6 +142,7 @@ impl Application {
             auth,
             login_limits,
             broker: BrokerHealth::new(broker_enabled),
+            stopping: watch::channel(false).0,
         });
         let broker = mqtt::Broker::start(state.clone()).await?;
         let upkeep = http::metrics::spawn_upkeep(stopped.clone());
@@ -217,8 +219,10 @@ impl Application {
             })
         });
         let stop_mqtt = self.broker.as_ref().map(mqtt::Broker::stopper);
+        let state = self.state.clone();
         let shutdown = async move {
             shutdown.await;
+            state.stopping.send_replace(true);
             if let Some(stop) = stop_mqtt {
                 let _ = stop.send(true);
             }

@@ -53,4 +53,15 @@ pub struct AppState {
     /// Staff login attempts per client address and per user name.
     pub login_limits: LoginLimits,
     pub broker: BrokerHealth,
+    /// Turns true when the server starts shutting down: long-lived responses (the dashboard's
+    /// live feed) end then, so graceful shutdown does not wait for them.
+    pub stopping: tokio::sync::watch::Sender<bool>,
+}
+
+impl AppState {
+    /// Resolves once shutdown has begun.
+    pub async fn stopped(&self) {
+        let mut stopping = self.stopping.subscribe();
+        let _ = stopping.wait_for(|stopping| *stopping).await;
+    }
 }

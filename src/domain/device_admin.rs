@@ -10,13 +10,14 @@ use crate::{
     domain::{
         devices::{self, TokenCache},
         fleet,
+        notify::{Notification, Notifier},
     },
     error::{Error, Result},
 };
 
 pub const NOTES_MAX: usize = 2000;
 
-pub async fn set_notes(db: &Db, device_id: &str, notes: &str) -> Result<()> {
+pub async fn set_notes(db: &Db, notifier: &Notifier, device_id: &str, notes: &str) -> Result<()> {
     if notes.chars().count() > NOTES_MAX {
         return Err(Error::invalid(
             "invalid_field",
@@ -31,6 +32,7 @@ pub async fn set_notes(db: &Db, device_id: &str, notes: &str) -> Result<()> {
         .exec(&*txn)
         .await?;
     txn.commit().await?;
+    notifier.publish(Notification::DeviceChanged { device: found.id });
     Ok(())
 }
 

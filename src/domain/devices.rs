@@ -23,7 +23,10 @@ use crate::{
         entities::{device, device_status},
         Db,
     },
-    domain::trust::LegacyPolicy,
+    domain::{
+        notify::{Notification, Notifier},
+        trust::LegacyPolicy,
+    },
     error::{Entity, Error, Result},
 };
 
@@ -240,6 +243,7 @@ fn clean_firmware(firmware: Option<&str>) -> Result<Option<String>> {
 pub async fn handshake(
     db: &Db,
     cache: &TokenCache,
+    notifier: &Notifier,
     strict: bool,
     policy: &LegacyPolicy,
     request: Handshake,
@@ -288,6 +292,7 @@ pub async fn handshake(
         .await?
         .ok_or_else(|| Error::not_found(Entity::Device, mac.as_str()))?;
     let mut evict = None;
+    let changed = existing.id;
     let granted = match existing {
         device if created => {
             ensure_status(&*txn, device.id, now).await?;
@@ -339,6 +344,7 @@ pub async fn handshake(
     if let Some(id) = evict {
         cache.evict_device(id);
     }
+    notifier.publish(Notification::DeviceChanged { device: changed });
     Ok(granted)
 }
 

@@ -290,8 +290,8 @@ pub async fn unassign_device(
     Ok(device)
 }
 
-/// Removes the device from a machine.
-pub async fn unassign_machine(db: &Db, cache: &TokenCache, machine_id: i32) -> Result<()> {
+/// Removes the device from a machine; returns the device it carried.
+pub async fn unassign_machine(db: &Db, cache: &TokenCache, machine_id: i32) -> Result<Option<i32>> {
     let txn = db.begin_write().await?;
     let now = Utc::now();
     let machine = machine::Entity::find_by_id(machine_id)
@@ -302,10 +302,10 @@ pub async fn unassign_machine(db: &Db, cache: &TokenCache, machine_id: i32) -> R
         release_device(&*txn, device, now).await?;
         txn.commit().await?;
         cache.evict_device(device);
-        return Ok(());
+        return Ok(Some(device));
     }
     txn.commit().await?;
-    Ok(())
+    Ok(None)
 }
 
 /// Which machine each device was bound to over a period, and which outlet each of those

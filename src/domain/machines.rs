@@ -17,6 +17,7 @@ use crate::{
     domain::{
         devices::{self, TokenCache},
         fleet,
+        notify::{Notification, Notifier},
         queries::{self, device_views, outlets_by_id, DeviceView, Page, PageRequest},
         status::Thresholds,
     },
@@ -338,6 +339,7 @@ async fn bind_checked(
 pub async fn assign(
     db: &Db,
     cache: &TokenCache,
+    notifier: &Notifier,
     machine_id: i32,
     device_id: &str,
     move_device: bool,
@@ -350,8 +352,10 @@ pub async fn assign(
     let replaced = bind_checked(&*txn, &machine, &device, move_device, now).await?;
     txn.commit().await?;
     cache.evict_device(device.id);
+    notifier.publish(Notification::DeviceChanged { device: device.id });
     if let Some(previous) = replaced {
         cache.evict_device(previous);
+        notifier.publish(Notification::DeviceChanged { device: previous });
     }
     get(db, machine_id, thresholds).await
 }
@@ -360,10 +364,13 @@ pub async fn assign(
 pub async fn unassign(
     db: &Db,
     cache: &TokenCache,
+    notifier: &Notifier,
     machine_id: i32,
     thresholds: Thresholds,
 ) -> Result<MachineView> {
-    fleet::unassign_machine(db, cache, machine_id).await?;
+    if let Some(device) = fleet::unassign_machine(db, cache, machine_id).await? {
+        notifier.publish(Notification::DeviceChanged { device });
+    }
     get(db, machine_id, thresholds).await
 }
 

@@ -24,6 +24,8 @@ pub enum Notification {
     EventsStored { devices: Vec<i32> },
     /// A device's record or status changed (handshake, assignment, presence, notes).
     DeviceChanged { device: i32 },
+    /// These devices polled or were otherwise in contact (`last_poll`/`last_seen` committed).
+    DevicesContacted { devices: Vec<i32> },
 }
 
 /// Cheap to clone; publishing never blocks and never fails.

@@ -162,6 +162,7 @@ async fn handshake(
     let granted = devices::handshake(
         &state.db,
         &state.tokens,
+        &state.notifier,
         state.settings.strict_handshake,
         &state.legacy,
         Handshake {

@@ -18,6 +18,7 @@ use crate::{
     db::{placeholder, Db},
     domain::{
         fleet::Attribution,
+        notify::{Notification, Notifier},
         status::{self, Stamp},
     },
     error::{Error, Result},
@@ -52,6 +53,7 @@ type Contacts = Arc<Mutex<HashMap<i32, status::DeviceUpdate>>>;
 #[derive(Clone)]
 pub struct Ingestor {
     db: Db,
+    notifier: Notifier,
     tx: mpsc::Sender<Job>,
     stop: Arc<Notify>,
     contacts: Contacts,
@@ -62,13 +64,18 @@ impl Ingestor {
     /// Starts the writer. At most `batch_max` events share a transaction; a batch is whatever
     /// queued while the previous commit was in flight, so an idle server commits each event at
     /// once and a busy one amortises the fsync.
-    pub fn start(db: Db, batch_max: usize) -> (Ingestor, tokio::task::JoinHandle<()>) {
+    pub fn start(
+        db: Db,
+        batch_max: usize,
+        notifier: Notifier,
+    ) -> (Ingestor, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(batch_max.max(1) * 8);
         let stop = Arc::new(Notify::new());
         let contacts: Contacts = Arc::default();
         let contact_ready = Arc::new(Notify::new());
         let writer = run_writer(
             db.clone(),
+            notifier.clone(),
             rx,
             batch_max.max(1),
             stop.clone(),
@@ -91,6 +98,7 @@ impl Ingestor {
         (
             Ingestor {
                 db,
+                notifier,
                 tx,
                 stop,
                 contacts,
@@ -129,7 +137,7 @@ impl Ingestor {
     /// Commits the contacts recorded so far now, without waiting for the writer.
     pub async fn flush_contacts(&self) {
         let mut memo = status::DeviceMemo::default();
-        commit_contacts(&self.db, &self.contacts, &mut memo).await;
+        commit_contacts(&self.db, &self.notifier, &self.contacts, &mut memo).await;
     }
 
     /// Stops accepting events; everything already queued is still committed.
@@ -140,6 +148,7 @@ impl Ingestor {
 
 async fn run_writer(
     db: Db,
+    notifier: Notifier,
     mut rx: mpsc::Receiver<Job>,
     batch_max: usize,
     stop: Arc<Notify>,
@@ -159,7 +168,7 @@ async fn run_writer(
                     match tokio::time::timeout(CONTACT_DELAY, rx.recv()).await {
                         Ok(job) => job,
                         Err(_) => {
-                            commit_contacts(&db, &contacts, &mut memo).await;
+                            commit_contacts(&db, &notifier, &contacts, &mut memo).await;
                             continue;
                         }
                     }
@@ -185,6 +194,7 @@ async fn run_writer(
         match commit_batch(&db, &events, touched.clone(), &mut memo).await {
             Ok(outcomes) => {
                 record_metrics(&outcomes, started);
+                announce(&notifier, &events, touched.keys().copied());
                 for (job, outcome) in jobs.into_iter().zip(outcomes) {
                     let _ = job.done.send(Ok(outcome));
                 }
@@ -197,7 +207,10 @@ async fn run_writer(
                         .await
                         .map(|mut o| o.pop().unwrap_or(Ingested::Duplicate));
                     match &outcome {
-                        Ok(o) => record_metrics(std::slice::from_ref(o), started),
+                        Ok(o) => {
+                            record_metrics(std::slice::from_ref(o), started);
+                            announce(&notifier, &[&job.event], std::iter::empty());
+                        }
                         Err(err) => {
                             tracing::error!(error = %err, event_id = %job.event.event_id, "event could not be stored")
                         }
@@ -209,7 +222,7 @@ async fn run_writer(
         }
     }
     // Contacts that came in last are written before the writer ends.
-    commit_contacts(&db, &contacts, &mut memo).await;
+    commit_contacts(&db, &notifier, &contacts, &mut memo).await;
 }
 
 fn record_metrics(outcomes: &[Ingested], started: std::time::Instant) {
@@ -241,7 +254,26 @@ fn restore_contacts(contacts: &Contacts, touched: HashMap<i32, status::DeviceUpd
     }
 }
 
-async fn commit_contacts(db: &Db, contacts: &Contacts, memo: &mut status::DeviceMemo) {
+/// Tells subscribers which devices' events and contacts a commit stored.
+fn announce(notifier: &Notifier, events: &[&NewEvent], contacted: impl Iterator<Item = i32>) {
+    let mut devices: Vec<i32> = events.iter().map(|e| e.device).collect();
+    devices.sort_unstable();
+    devices.dedup();
+    if !devices.is_empty() {
+        notifier.publish(Notification::EventsStored { devices });
+    }
+    let contacted: Vec<i32> = contacted.collect();
+    if !contacted.is_empty() {
+        notifier.publish(Notification::DevicesContacted { devices: contacted });
+    }
+}
+
+async fn commit_contacts(
+    db: &Db,
+    notifier: &Notifier,
+    contacts: &Contacts,
+    memo: &mut status::DeviceMemo,
+) {
     let touched = take_contacts(contacts);
     if touched.is_empty() {
         return;
@@ -255,7 +287,12 @@ async fn commit_contacts(db: &Db, contacts: &Contacts, memo: &mut status::Device
     }
     .await;
     match result {
-        Ok(writes) => memo.absorb(writes),
+        Ok(writes) => {
+            memo.absorb(writes);
+            notifier.publish(Notification::DevicesContacted {
+                devices: updates.iter().map(|(device, _)| *device).collect(),
+            });
+        }
         Err(err) => {
             tracing::warn!(error = %err, devices = updates.len(), "recording contacts failed; retrying with the next commit");
             restore_contacts(contacts, touched);

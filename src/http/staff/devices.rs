@@ -343,7 +343,7 @@ impl DevicesApi {
     ) -> ApiResult<Json<DeviceDto>> {
         auth.staff()?;
         if let Some(notes) = &body.notes {
-            device_admin::set_notes(&state.db, &device_id.0, notes).await?;
+            device_admin::set_notes(&state.db, &state.notifier, &device_id.0, notes).await?;
         }
         let view = queries::device(&state.db, &device_id.0, state.settings.thresholds()).await?;
         Ok(Json(view.into()))

@@ -355,6 +355,7 @@ impl MachinesApi {
         let view = machines::assign(
             &state.db,
             &state.tokens,
+            &state.notifier,
             id.0,
             &body.device_id,
             body.move_device,
@@ -377,8 +378,14 @@ impl MachinesApi {
         id: Path<i32>,
     ) -> ApiResult<Json<MachineDto>> {
         auth.staff()?;
-        let view =
-            machines::unassign(&state.db, &state.tokens, id.0, state.settings.thresholds()).await?;
+        let view = machines::unassign(
+            &state.db,
+            &state.tokens,
+            &state.notifier,
+            id.0,
+            state.settings.thresholds(),
+        )
+        .await?;
         Ok(Json(view.into()))
     }
 
