@@ -1,7 +1,8 @@
-//! HTTP transport: the firmware shim, the staff API (`staff`, with its spec and Swagger UI)
-//! and health endpoints. Handlers parse, call the domain, and map its error once (see
+//! HTTP transport: the firmware shim, the staff API (`staff`, with its spec and Swagger UI),
+//! the staff dashboard (`dashboard`, with its live feed) and health endpoints. Handlers parse, call the domain, and map its error once (see
 //! `error`).
 
+mod dashboard;
 pub(crate) mod error;
 mod firmware;
 mod health;
@@ -32,7 +33,7 @@ pub fn routes(state: Arc<AppState>) -> impl Endpoint {
         firmware: firmware::routes(),
         staff: staff::service().into_endpoint(),
     };
-    Route::new()
+    dashboard::mount(Route::new())
         .nest_no_strip("/api", api)
         .at("/openapi.json", staff::spec_json_endpoint())
         .at("/openapi.yaml", staff::spec_yaml_endpoint())

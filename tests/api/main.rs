@@ -7,6 +7,7 @@ mod cli;
 mod commands;
 mod compat;
 mod concurrency;
+mod dashboard;
 mod events;
 mod handshake;
 mod legacy;

@@ -1,0 +1,548 @@
+//! The dashboard in a real browser: headless Chromium driven over WebDriver (chromedriver).
+//! The pages are clients of the staff API; these tests log in through the form, watch rows
+//! change live as devices handshake, report and get assigned (the same DOM node, no reload),
+//! send a command from a device's page and follow it through the device's poll and result,
+//! and check what a read-only user sees. Plain HTTP checks cover redirects, headers and the
+//! live feed's authentication without a browser.
+//!
+//! Chromium and chromedriver (Debian `chromium` and `chromium-driver`) are needed; without
+//! them the browser tests say so and skip, except under `CI=true`.
+
+use std::{
+    io::{BufRead, BufReader},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use fantoccini::{Client, ClientBuilder, Locator};
+use reqwest::Method;
+use serde_json::{json, Value};
+
+use crate::helpers::{spawn_app, Staff, TestApp};
+
+const PASSWORD: &str = "correct horse battery";
+
+/// A headless Chromium session; chromedriver is stopped when this is dropped.
+struct Browser {
+    client: Client,
+    driver: Child,
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
+    }
+}
+
+fn find_program(candidates: &[&str]) -> Option<String> {
+    candidates
+        .iter()
+        .find(|path| std::path::Path::new(path).exists())
+        .map(|path| (*path).to_owned())
+}
+
+/// Starts chromedriver on a port of its choosing and opens a browser session, or `None` (with a
+/// loud note) when Chromium is not installed. Under `CI=true` a missing browser fails.
+async fn browser() -> Option<Browser> {
+    let driver = find_program(&["/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver"]);
+    let chromium = find_program(&["/usr/lib/chromium/chromium", "/usr/bin/chromium"]);
+    let (Some(driver), Some(chromium)) = (driver, chromium) else {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "chromium and chromedriver are required in CI (Debian packages chromium chromium-driver)"
+        );
+        eprintln!(
+            "SKIPPED: chromium/chromedriver not installed (apt install chromium chromium-driver)"
+        );
+        return None;
+    };
+    let mut child = Command::new(driver)
+        .arg("--port=0")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start chromedriver");
+    let stdout = child.stdout.take().expect("chromedriver stdout");
+    // "ChromeDriver was started successfully on port 41235."
+    let port = tokio::task::spawn_blocking(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        let port = lines.by_ref().map_while(Result::ok).find_map(|line| {
+            let (_, rest) = line.split_once("started successfully on port ")?;
+            rest.trim_end_matches('.').trim().parse::<u16>().ok()
+        });
+        // Keep draining so chromedriver never blocks on a full pipe.
+        std::thread::spawn(move || lines.for_each(drop));
+        port
+    })
+    .await
+    .expect("read chromedriver output")
+    .expect("chromedriver printed its port");
+    let capabilities = json!({
+        "browserName": "chrome",
+        "goog:chromeOptions": {
+            "binary": chromium,
+            "args": [
+                "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--window-size=1280,900", "--lang=en-US"
+            ]
+        }
+    });
+    let serde_json::Value::Object(capabilities) = capabilities else {
+        unreachable!()
+    };
+    let client = ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+        .capabilities(capabilities)
+        .connect(&format!("http://127.0.0.1:{port}"))
+        .await
+        .expect("open a browser session");
+    Some(Browser {
+        client,
+        driver: child,
+    })
+}
+
+impl Browser {
+    async fn goto(&self, app: &TestApp, path: &str) {
+        self.client.goto(&app.url(path)).await.expect("navigate");
+    }
+
+    async fn path(&self) -> String {
+        let url = self.client.current_url().await.expect("current url");
+        match url.query() {
+            Some(q) => format!("{}?{q}", url.path()),
+            None => url.path().to_owned(),
+        }
+    }
+
+    async fn js(&self, script: &str) -> Value {
+        self.client
+            .execute(script, vec![])
+            .await
+            .unwrap_or_else(|e| panic!("script failed: {e}\n{script}"))
+    }
+
+    /// Evaluates `expression` until it is truthy (within 10 s) and returns its value.
+    async fn until(&self, what: &str, expression: &str) -> Value {
+        let script = format!("return ({expression});");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let value = self.js(&script).await;
+            let truthy = !matches!(&value, Value::Null | Value::Bool(false))
+                && value != json!("")
+                && value != json!(0);
+            if truthy {
+                return value;
+            }
+            if tokio::time::Instant::now() > deadline {
+                let body = self.js("return document.body.innerText;").await;
+                panic!("timed out waiting for {what} ({expression}); page shows:\n{body}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn fill(&self, css: &str, text: &str) {
+        let field = self.client.find(Locator::Css(css)).await.expect(css);
+        field.clear().await.expect("clear");
+        field.send_keys(text).await.expect("type");
+    }
+
+    async fn click(&self, css: &str) {
+        self.client
+            .find(Locator::Css(css))
+            .await
+            .expect(css)
+            .click()
+            .await
+            .expect("click");
+    }
+
+    /// Logs in through the form on the page the browser is on.
+    async fn log_in(&self, username: &str) {
+        self.until("the login form", "document.querySelector('#login-form')")
+            .await;
+        self.fill("#username", username).await;
+        self.fill("#password", PASSWORD).await;
+        self.click("#login-submit").await;
+        self.until(
+            "the page after login",
+            "document.body.dataset.page !== 'login' && document.querySelector('#whoami').textContent",
+        )
+        .await;
+    }
+
+    async fn close(self) {
+        let client = self.client.clone();
+        let _ = client.close().await;
+    }
+}
+
+/// The JavaScript expression for a device's row in the devices table.
+fn row(device_id: &str) -> String {
+    format!("document.querySelector('#devices tr[data-key=\"{device_id}\"]')")
+}
+
+async fn machine(app: &TestApp, staff: &Staff, name: &str) -> i64 {
+    let reply = app
+        .staff_post(
+            "/api/machines/",
+            staff,
+            &json!({"name": name, "machine_code": "CH1/001/2025", "is_active": true}),
+        )
+        .await;
+    assert_eq!(reply.status, 201, "{}", reply.body);
+    reply.body["id"].as_i64().expect("machine id")
+}
+
+#[tokio::test]
+async fn staff_follow_devices_live_and_send_a_command_from_the_browser() {
+    let app = spawn_app().await;
+    let staff = app.staff().await;
+    let Some(browser) = browser().await else {
+        return;
+    };
+
+    // Anonymous: sent to the login page, and back to where it was going afterwards.
+    browser.goto(&app, "/").await;
+    browser
+        .until("the login page", "document.body.dataset.page === 'login'")
+        .await;
+    assert_eq!(browser.path().await, "/login/?next=%2Fdevices");
+    browser.log_in("staff").await;
+    assert_eq!(browser.path().await, "/devices");
+    browser
+        .until(
+            "an empty devices table",
+            "document.querySelector('#devices tbody').innerText.includes('No devices')",
+        )
+        .await;
+    browser
+        .until("the live feed", "document.querySelector('#live.on')")
+        .await;
+    browser.js("window.sameDocument = true; return 1;").await;
+
+    // A device handshakes: its row appears without a reload.
+    let device = app.handshake("AA:BB:CC:00:00:01").await;
+    browser
+        .until("the new device's row", &row(&device.device_id))
+        .await;
+    browser
+        .js(&format!(
+            "window.watched = {}; return 1;",
+            row(&device.device_id)
+        ))
+        .await;
+    // Assigned through the API, polling, then reporting counters: the same row node changes.
+    let machine_id = machine(&app, &staff, "Washer 1").await;
+    let assigned = app
+        .staff_post(
+            &format!("/api/machines/{machine_id}/assign/"),
+            &staff,
+            &json!({"device_id": device.device_id}),
+        )
+        .await;
+    assert_eq!(assigned.status, 200, "{}", assigned.body);
+    browser
+        .until(
+            "the machine in the row",
+            &format!(
+                "{}.cells[3].innerText.includes('Washer 1')",
+                row(&device.device_id)
+            ),
+        )
+        .await;
+    // Its first poll makes it online.
+    assert_eq!(app.poll(&device).await.status, 200);
+    browser
+        .until(
+            "the device online",
+            &format!("{}.cells[0].innerText === 'online'", row(&device.device_id)),
+        )
+        .await;
+    let event = app
+        .post_event(
+            &device,
+            "ev-1",
+            json!({"current_counters": {"basic": 5, "standard": 2, "premium": 1}}),
+        )
+        .await;
+    assert_eq!(event.status, 200, "{}", event.body);
+    browser
+        .until(
+            "the reported counters",
+            &format!(
+                "{r}.cells[4].innerText === '5' && {r}.cells[5].innerText === '2'",
+                r = row(&device.device_id)
+            ),
+        )
+        .await;
+    let same = browser
+        .js(&format!(
+            "return window.sameDocument === true && window.watched === {};",
+            row(&device.device_id)
+        ))
+        .await;
+    assert_eq!(same, true, "the row was replaced or the page reloaded");
+
+    // The device's page: an invalid payload is refused before anything is sent.
+    browser
+        .goto(&app, &format!("/devices/{}/", device.device_id))
+        .await;
+    browser
+        .until(
+            "the device's page",
+            "document.querySelector('#d-facts [data-field=mac]').innerText === 'AA:BB:CC:00:00:01'",
+        )
+        .await;
+    browser.fill("#c-type", "RESET").await;
+    browser.fill("#c-payload", "{not json").await;
+    browser.click("#c-send").await;
+    browser
+        .until(
+            "the payload error",
+            "!document.querySelector('#c-error').hidden && document.querySelector('#c-error').innerText.includes('not valid JSON')",
+        )
+        .await;
+    let commands_path = format!("/api/device/{}/commands/status/", device.device_id);
+    assert_eq!(app.staff_get(&commands_path, &staff).await.body["count"], 0);
+
+    browser.fill("#c-payload", r#"{"reason": "browser"}"#).await;
+    browser.click("#c-send").await;
+    let command_id = browser
+        .until(
+            "the command in the history",
+            "document.querySelector('#commands tbody tr[data-key]')?.dataset.key",
+        )
+        .await;
+    let listed = app.staff_get(&commands_path, &staff).await;
+    assert_eq!(listed.body["count"], 1, "{}", listed.body);
+    assert_eq!(listed.body["results"][0]["command_id"], command_id);
+    assert_eq!(listed.body["results"][0]["command_type"], "RESET");
+    assert_eq!(listed.body["results"][0]["payload"]["reason"], "browser");
+    assert_eq!(listed.body["results"][0]["created_by"], "staff");
+    let status_cell = "document.querySelector('#commands tbody tr[data-key]').cells[0].innerText";
+    browser
+        .until("a pending command", &format!("{status_cell} === 'pending'"))
+        .await;
+
+    // The device polls and reports: the status follows live.
+    let command_id = command_id.as_str().expect("command id").to_owned();
+    assert_eq!(app.poll(&device).await.status, 200);
+    browser
+        .until("a sent command", &format!("{status_cell} === 'sent'"))
+        .await;
+    let result = app
+        .report(&device, &command_id, json!({"success": true}))
+        .await;
+    assert_eq!(result.status, 200, "{}", result.body);
+    browser
+        .until(
+            "an executed command",
+            &format!("{status_cell} === 'executed'"),
+        )
+        .await;
+    browser
+        .until(
+            "counters zeroed by the reset",
+            "document.querySelector('[data-field=counts]').innerText.includes('Basic 0')",
+        )
+        .await;
+
+    // A note is text, never markup.
+    let note = "<img src=x onerror=\"window.injected=1\"><script>window.injected=1</script>";
+    let patched = app
+        .staff_call(
+            Method::PATCH,
+            &format!("/api/devices/{}/", device.device_id),
+            Some(&staff.token),
+            Some(&json!({"notes": note})),
+        )
+        .await;
+    assert_eq!(patched.status, 200, "{}", patched.body);
+    browser
+        .until(
+            "the note as text",
+            &format!(
+                "document.querySelector('#notes').value === {}",
+                serde_json::to_string(note).unwrap()
+            ),
+        )
+        .await;
+    let injected = browser
+        .js("return window.injected === undefined && !document.querySelector('main img');")
+        .await;
+    assert_eq!(injected, true);
+
+    browser.close().await;
+}
+
+#[tokio::test]
+async fn read_only_users_see_no_mutating_controls() {
+    let app = spawn_app().await;
+    let staff = app.staff().await;
+    let viewer = app.user("viewer", false, false).await;
+    let device = app.handshake("AA:BB:CC:00:00:02").await;
+    machine(&app, &staff, "Washer 2").await;
+    let Some(browser) = browser().await else {
+        return;
+    };
+
+    browser
+        .goto(&app, &format!("/devices/{}/", device.device_id))
+        .await;
+    browser.log_in("viewer").await;
+    browser
+        .until(
+            "the device's page",
+            "document.querySelector('#d-facts [data-field=mac]').innerText === 'AA:BB:CC:00:00:02'",
+        )
+        .await;
+    let controls = browser
+        .js(
+            "return [...document.querySelectorAll('#command-form, #reset-token, #notes-form button')].length;",
+        )
+        .await;
+    assert_eq!(controls, 0, "a read-only user sees mutating controls");
+    assert!(browser
+        .js("return document.querySelector('#whoami').innerText;")
+        .await
+        .as_str()
+        .is_some_and(|s| s.contains("read-only")));
+
+    browser.goto(&app, "/machines/").await;
+    browser
+        .until(
+            "the machines table",
+            "document.querySelector('#machines tbody tr[data-key]')",
+        )
+        .await;
+    let buttons = browser
+        .js("return [...document.querySelectorAll('main button, main select, main form')].map(b => b.innerText || b.tagName);")
+        .await;
+    assert_eq!(buttons, json!([]), "controls on the machines page");
+
+    // Forcing a mutation is refused by the API.
+    let forced = app
+        .staff_post(
+            &format!("/api/device/{}/commands/create/", device.device_id),
+            &viewer,
+            &json!({"command_type": "RESET"}),
+        )
+        .await;
+    forced.assert_error(403, "staff_required");
+
+    browser.close().await;
+}
+
+#[tokio::test]
+async fn pages_need_a_session_and_are_served_compressed_with_validators() {
+    let app = spawn_app().await;
+    let staff = app.staff().await;
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+
+    let anonymous = client.get(app.url("/machines/")).send().await.unwrap();
+    assert_eq!(anonymous.status(), 303);
+    assert_eq!(anonymous.headers()["location"], "/login/?next=%2Fmachines");
+    let login = client.get(app.url("/login/")).send().await.unwrap();
+    assert_eq!(login.status(), 200);
+    let home = client
+        .get(app.url("/"))
+        .header("cookie", format!("ozone_token={}", staff.token))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(home.status(), 303);
+    assert_eq!(home.headers()["location"], "/devices/");
+
+    let page = client
+        .get(app.url("/devices/"))
+        .header("cookie", format!("ozone_token={}", staff.token))
+        .header("accept-encoding", "gzip")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 200);
+    assert_eq!(page.headers()["content-encoding"], "gzip");
+    assert!(page.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .contains("default-src 'self'"));
+    let body = page.bytes().await.unwrap();
+    assert_eq!(&body[..2], &[0x1f, 0x8b], "a gzip stream");
+
+    // The script is linked by its content hash and revalidates to 304.
+    let plain = client
+        .get(app.url("/devices/"))
+        .header("cookie", format!("ozone_token={}", staff.token))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let script = plain
+        .split("src=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .expect("script link")
+        .to_owned();
+    assert!(script.starts_with("/static/app.js?v="), "{script}");
+    let asset = client.get(app.url(&script)).send().await.unwrap();
+    assert_eq!(asset.status(), 200);
+    assert!(asset.headers()["cache-control"]
+        .to_str()
+        .unwrap()
+        .contains("immutable"));
+    let etag = asset.headers()["etag"].clone();
+    let again = client
+        .get(app.url(&script))
+        .header("if-none-match", etag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 304);
+
+    // The live feed needs a session too, and answers as an event stream.
+    app.get("/api/stream/", None)
+        .await
+        .assert_error(401, "missing_token");
+    let feed = client
+        .get(app.url("/api/stream/"))
+        .bearer_auth(&staff.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(feed.status(), 200);
+    assert!(feed.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
+    assert!(feed.headers().get("content-encoding").is_none());
+}
+
+#[tokio::test]
+async fn open_live_feeds_do_not_hold_up_shutdown() {
+    let app = spawn_app().await;
+    let staff = app.staff().await;
+    let mut feed = reqwest::Client::new()
+        .get(app.url("/api/stream/"))
+        .bearer_auth(&staff.token)
+        .send()
+        .await
+        .unwrap();
+    let first = feed.chunk().await.unwrap().expect("the ready event");
+    assert!(String::from_utf8_lossy(&first).contains("event: ready"));
+    let started = std::time::Instant::now();
+    drop(app.stop().await);
+    // Graceful shutdown waits up to 10 s for open connections; the feed ends at once.
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "shutdown took {:?}",
+        started.elapsed()
+    );
+    while let Ok(Some(_)) = feed.chunk().await {}
+}
