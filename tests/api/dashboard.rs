@@ -264,7 +264,10 @@ async fn staff_follow_devices_live_and_send_a_command_from_the_browser() {
         .post_event(
             &device,
             "ev-1",
-            json!({"current_counters": {"basic": 5, "standard": 2, "premium": 1}}),
+            json!({
+                "ts": chrono::Utc::now().to_rfc3339(),
+                "current_counters": {"basic": 5, "standard": 2, "premium": 1}
+            }),
         )
         .await;
     assert_eq!(event.status, 200, "{}", event.body);
@@ -349,7 +352,66 @@ async fn staff_follow_devices_live_and_send_a_command_from_the_browser() {
         )
         .await;
 
+    // The machine's logs: the treatment and the reset, newest first, with cumulative counters.
+    browser
+        .goto(&app, &format!("/machines/{machine_id}/logs/"))
+        .await;
+    let rows = browser
+        .until(
+            "the log rows",
+            "(() => { const rows = [...document.querySelectorAll('#logs tbody tr[data-key]')]; \
+             return rows.length >= 2 && rows.map(r => [...r.cells].slice(1).map(c => c.innerText)); })()",
+        )
+        .await;
+    assert_eq!(
+        rows,
+        json!([
+            ["Reset", device.device_id, "0", "0", "0"],
+            ["Treatment basic", device.device_id, "5", "2", "1"]
+        ])
+    );
+    let logs = app
+        .staff_get(&format!("/api/machines/{machine_id}/logs/"), &staff)
+        .await;
+    assert_eq!(logs.body["count"], 2, "{}", logs.body);
+
+    // Statistics: the chart and its table show what the API answers for the same filters.
+    browser.goto(&app, "/stats/").await;
+    let shown = browser
+        .until(
+            "the stats table's total",
+            "(() => { const row = document.querySelector('#stats tbody tr[data-key=\"Total\"]'); \
+             return row && document.querySelector('#chart svg path') && [...row.cells].slice(1).map(c => Number(c.innerText)); })()",
+        )
+        .await;
+    let csv = browser
+        .js("return document.querySelector('#s-csv').getAttribute('href');")
+        .await;
+    let query = csv
+        .as_str()
+        .and_then(|href| href.split_once('?'))
+        .map(|(_, q)| q.to_owned())
+        .expect("the CSV link carries the filters");
+    let stats = app
+        .staff_get(&format!("/api/test/stats/?{query}"), &staff)
+        .await;
+    assert_eq!(stats.status, 200, "{}", stats.body);
+    let totals = &stats.body["totals"];
+    assert_eq!(
+        shown,
+        json!([
+            totals["basic"],
+            totals["standard"],
+            totals["premium"],
+            totals["total"]
+        ])
+    );
+    assert_eq!(totals["total"], 1, "one treatment in the last 7 days");
+
     // A note is text, never markup.
+    browser
+        .goto(&app, &format!("/devices/{}/", device.device_id))
+        .await;
     let note = "<img src=x onerror=\"window.injected=1\"><script>window.injected=1</script>";
     let patched = app
         .staff_call(
@@ -421,6 +483,39 @@ async fn read_only_users_see_no_mutating_controls() {
         .js("return [...document.querySelectorAll('main button, main select, main form')].map(b => b.innerText || b.tagName);")
         .await;
     assert_eq!(buttons, json!([]), "controls on the machines page");
+
+    // Outlets with their machines and treatments, and no edit controls.
+    let outlet = app
+        .staff_post("/api/outlets/", &staff, &json!({"name": "Grand <Mall>"}))
+        .await;
+    assert_eq!(outlet.status, 201, "{}", outlet.body);
+    browser.goto(&app, "/outlets/").await;
+    let cells = browser
+        .until(
+            "the outlet with its treatment counts",
+            "(() => { const row = document.querySelector('#outlets tbody tr[data-key]'); \
+             return row && row.cells[9].innerText !== '…' && [...row.cells].map(c => c.innerText); })()",
+        )
+        .await;
+    assert_eq!(
+        cells,
+        json!([
+            "Grand <Mall>",
+            "—",
+            "—",
+            "—",
+            "yes",
+            "0",
+            "0",
+            "0",
+            "0",
+            "0"
+        ])
+    );
+    let controls = browser
+        .js("return document.querySelectorAll('main button, main form').length;")
+        .await;
+    assert_eq!(controls, 0, "controls on the outlets page");
 
     // Forcing a mutation is refused by the API.
     let forced = app

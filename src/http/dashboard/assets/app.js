@@ -719,7 +719,7 @@ pages.outlets = async () => {
   };
 
   const renderOutlet = (o, tr) => {
-    const c = cellsOf(tr, canEdit() ? 8 : 7);
+    const c = cellsOf(tr, canEdit() ? 11 : 10);
     setText(c[0], o.name);
     setText(c[1], o.region || '—');
     c[2].className = 'wrap';
@@ -731,16 +731,22 @@ pages.outlets = async () => {
     setText(c[5], here.length);
     c[6].className = 'num';
     setText(c[6], here.filter((m) => m.device_id && m.status === 'online').length);
-    if (canEdit() && !c[7].firstChild) {
+    const t = treatments.get(o.id);
+    for (const [i, key] of [[7, 'today'], [8, 'week'], [9, 'total']]) {
+      c[i].className = 'num';
+      setText(c[i], t ? t[key] : '…');
+    }
+    if (canEdit() && !c[10].firstChild) {
       const button = el('button', { type: 'button', class: 'secondary', text: 'Edit' });
       button.addEventListener('click', () => {
         const row = outlets.find((x) => String(x.id) === tr.dataset.key);
         if (row) edit(row);
       });
-      c[7].append(el('div', { class: 'actions' }, button));
+      c[10].append(el('div', { class: 'actions' }, button));
     }
   };
 
+  const render = () => patchRows(tbody, outlets, (o) => o.id, renderOutlet, 'No outlets');
   const refresh = refresher(async () => {
     const [list, machineList] = await Promise.all([
       api('GET', '/api/outlets/?limit=1000'),
@@ -748,7 +754,22 @@ pages.outlets = async () => {
     ]);
     outlets = list.results;
     machines = machineList.results;
-    patchRows(tbody, outlets, (o) => o.id, renderOutlet, 'No outlets');
+    render();
+  });
+  // Treatments per outlet from the statistics API: today and 7 days (daily buckets in the
+  // browser's zone), and all time (monthly buckets over the longest range).
+  const treatments = new Map();
+  const tz = Intl.DateTimeFormat().resolvedOptions().timeZone || 'UTC';
+  const counts = refresher(async () => {
+    await Promise.all(outlets.map(async (o) => {
+      const [week, ever] = await Promise.all([
+        api('GET', `/api/test/stats/?outlet_id=${o.id}&granularity=day&days=7&tz=${encodeURIComponent(tz)}`),
+        api('GET', `/api/test/stats/?outlet_id=${o.id}&granularity=month&days=3660&tz=${encodeURIComponent(tz)}`),
+      ]);
+      const daily = week.series.total;
+      treatments.set(o.id, { today: daily[daily.length - 1] || 0, week: week.totals.total, total: ever.totals.total });
+    }));
+    render();
   });
 
   if (canEdit()) {
@@ -776,8 +797,231 @@ pages.outlets = async () => {
   }
 
   await refresh.now();
+  await counts.now();
   live((change) => {
     if (anyDevice(change)) refresh.soon();
+    if (change.resync || change.events.length) counts.soon();
+  });
+};
+
+pages.logs = async () => {
+  const machineId = location.pathname.split('/').filter(Boolean)[1];
+  const limit = 50;
+  let offset = 0;
+  let currentDevice = null;
+  const machine = await api('GET', `/api/machines/${encodeURIComponent(machineId)}/`);
+  const title = machine.machine_code ? `${machine.name} (${machine.machine_code})` : machine.name;
+  setText($('#l-title'), `Treatment logs · ${title}`);
+  document.title = `${machine.name} logs · Ozone`;
+
+  const statsCard = (summary) => {
+    const card = $('#l-stats');
+    const t = summary.totals;
+    const c = summary.current_counters;
+    const tile = (label, value, key) =>
+      el('div', { 'data-stat': key }, label, el('b', { text: value === undefined || value === null ? '—' : value }));
+    const tiles = [
+      tile('Basic (all time)', t.basic, 'basic'),
+      tile('Standard (all time)', t.standard, 'standard'),
+      tile('Premium (all time)', t.premium, 'premium'),
+      tile('Total (all time)', t.total, 'total'),
+      tile('Device', summary.current_device_id || 'none', 'device'),
+      tile('Current counters', c ? `${c.basic} / ${c.standard} / ${c.premium}` : '—', 'current'),
+    ];
+    // Same tiles each time: update their numbers in place.
+    if (card.querySelectorAll('[data-stat]').length !== tiles.length) {
+      card.textContent = '';
+      card.append(el('h2', { text: 'Machine stats' }), el('div', { class: 'totals' }, ...tiles));
+      return;
+    }
+    for (const fresh of tiles) {
+      setText(card.querySelector(`[data-stat="${fresh.dataset.stat}"] b`), fresh.querySelector('b').textContent);
+    }
+  };
+
+  const renderEntry = (e, tr) => {
+    const c = cellsOf(tr, 6);
+    tr.classList.toggle('reset', e.event === 'reset');
+    setText(c[0], exact(e.occurred_at));
+    setAttr(c[0], 'title', e.received_at ? `received ${exact(e.received_at)}` : null);
+    setText(c[1], e.event === 'reset' ? 'Reset' : `Treatment ${(e.treatment || '').toLowerCase()}`);
+    setLink(c[2], deviceHref(e.device_id), e.device_id);
+    for (const [i, key] of [[3, 'basic'], [4, 'standard'], [5, 'premium']]) {
+      c[i].className = 'num';
+      setText(c[i], e.cumulative ? e.cumulative[key] : '—');
+    }
+  };
+
+  const refresh = refresher(async () => {
+    const data = await api('GET', `/api/machines/${encodeURIComponent(machineId)}/logs/?limit=${limit}&offset=${offset}`);
+    currentDevice = data.summary.current_device_id || null;
+    statsCard(data.summary);
+    patchRows($('#logs tbody'), data.results, (e) => e.id, renderEntry, 'No entries yet');
+    const last = Math.min(offset + data.results.length, data.count);
+    setText($('#l-page'), data.count ? `${offset + 1}–${last} of ${data.count}` : '');
+    $('#l-prev').disabled = offset === 0;
+    $('#l-next').disabled = last >= data.count;
+  });
+  $('#l-prev').addEventListener('click', () => {
+    offset = Math.max(0, offset - limit);
+    refresh.now();
+  });
+  $('#l-next').addEventListener('click', () => {
+    offset += limit;
+    refresh.now();
+  });
+  await refresh.now();
+  live((change) => {
+    if (change.resync || (currentDevice && (change.events.includes(currentDevice) || change.devices.includes(currentDevice)))) {
+      refresh.soon();
+    }
+  });
+};
+
+// A small SVG line chart: one line per series, the previous period dashed.
+const SERIES = [
+  ['basic', 'Basic', '#1f6feb'],
+  ['standard', 'Standard', '#b08800'],
+  ['premium', 'Premium', '#8250df'],
+  ['total', 'Total', '#1d2430'],
+];
+
+function svg(tag, attrs = {}) {
+  const node = document.createElementNS('http://www.w3.org/2000/svg', tag);
+  for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, v);
+  return node;
+}
+
+function drawChart(box, stats) {
+  const W = 900, H = 320, L = 48, R = 12, T = 12, B = 36;
+  const labels = stats.labels;
+  const lines = [];
+  for (const [key, name, color] of SERIES) {
+    lines.push({ key, name, color, values: stats.series[key], dash: '' });
+    if (stats.previous) lines.push({ key, name: `${name} (previous)`, color, values: stats.previous.series[key], dash: '5 4', faint: true });
+    if (stats.ma) lines.push({ key, name: `${name} (average)`, color, values: stats.ma[key], dash: '1 3' });
+  }
+  const max = Math.max(1, ...lines.flatMap((l) => l.values));
+  const x = (i) => L + (labels.length <= 1 ? 0 : (i * (W - L - R)) / (labels.length - 1));
+  const y = (v) => T + (H - T - B) * (1 - v / max);
+  const chart = svg('svg', { viewBox: `0 0 ${W} ${H}`, role: 'img', 'aria-label': 'Treatments per period' });
+  for (let k = 0; k <= 4; k++) {
+    const v = (max * k) / 4;
+    chart.append(svg('line', { x1: L, x2: W - R, y1: y(v), y2: y(v), stroke: '#dde1e7' }));
+    const t = svg('text', { x: L - 6, y: y(v) + 4, 'text-anchor': 'end', 'font-size': 11, fill: '#6b7280' });
+    t.textContent = Number.isInteger(v) ? v : v.toFixed(1);
+    chart.append(t);
+  }
+  const step = Math.max(1, Math.ceil(labels.length / 8));
+  labels.forEach((label, i) => {
+    if (i % step) return;
+    const t = svg('text', { x: x(i), y: H - 12, 'text-anchor': 'middle', 'font-size': 11, fill: '#6b7280' });
+    t.textContent = label.length > 16 ? label.slice(5, 16) : label;
+    chart.append(t);
+  });
+  for (const line of lines) {
+    if (!line.values.length) continue;
+    const d = line.values.map((v, i) => `${i ? 'L' : 'M'}${x(i).toFixed(1)},${y(v).toFixed(1)}`).join(' ');
+    chart.append(svg('path', {
+      d, fill: 'none', stroke: line.color, 'stroke-width': line.key === 'total' ? 2.2 : 1.6,
+      'stroke-dasharray': line.dash, opacity: line.faint ? 0.45 : 1, 'data-series': line.name,
+    }));
+  }
+  const legend = el('div', { class: 'legend' });
+  for (const [, name, color] of SERIES) {
+    const swatch = el('span', { text: '■ ' });
+    swatch.style.color = color;
+    legend.append(el('span', {}, swatch, name));
+  }
+  if (stats.previous) legend.append(el('span', { class: 'muted', text: 'dashed: previous period' }));
+  if (stats.ma) legend.append(el('span', { class: 'muted', text: `dotted: ${stats.ma_window}-bucket average` }));
+  box.textContent = '';
+  box.append(chart, legend);
+}
+
+pages.stats = async () => {
+  const form = $('#stats-form');
+  const f = {
+    outlet: $('#s-outlet'), machine: $('#s-machine'), device: $('#s-device'),
+    granularity: $('#s-granularity'), days: $('#s-days'), cumulative: $('#s-cumulative'),
+    ma: $('#s-ma'), compare: $('#s-compare'),
+  };
+  const tz = Intl.DateTimeFormat().resolvedOptions().timeZone || 'UTC';
+
+  const fillSelect = (select, items, value, label) => {
+    const chosen = select.value;
+    const wanted = ['', ...items.map(value)];
+    const have = [...select.options].map((o) => o.value);
+    if (wanted.join('\n') === have.join('\n')) return;
+    select.textContent = '';
+    select.append(el('option', { value: '', text: 'All' }));
+    for (const item of items) select.append(el('option', { value: value(item), text: label(item) }));
+    select.value = wanted.includes(chosen) ? chosen : '';
+  };
+
+  // The cascade: outlet → machines in it → devices on them.
+  const loadOptions = async () => {
+    const q = new URLSearchParams();
+    if (f.outlet.value) q.set('outlet_id', f.outlet.value);
+    if (f.machine.value) q.set('machine_id', f.machine.value);
+    const options = await api('GET', `/api/test/stats-options/?${q}`);
+    fillSelect(f.outlet, options.outlets, (o) => String(o.id), (o) => o.name);
+    fillSelect(f.machine, options.machines, (m) => String(m.id), (m) => (m.machine_code ? `${m.name} (${m.machine_code})` : m.name));
+    fillSelect(f.device, options.devices, (d) => d.device_id, (d) => d.device_id + (d.current ? '' : ' (before)'));
+  };
+
+  const query = () => {
+    const q = new URLSearchParams({ granularity: f.granularity.value, tz });
+    const days = parseInt(f.days.value, 10);
+    if (days > 0) q.set('days', days);
+    if (f.outlet.value) q.set('outlet_id', f.outlet.value);
+    if (f.machine.value) q.set('machine_id', f.machine.value);
+    if (f.device.value) q.set('device_id', f.device.value);
+    if (f.cumulative.checked) q.set('cumulative', 'true');
+    const ma = parseInt(f.ma.value, 10);
+    if (ma > 0) q.set('ma', ma);
+    if (f.compare.checked) q.set('compare', 'true');
+    return q;
+  };
+
+  const renderRow = (row, tr) => {
+    const c = cellsOf(tr, 5);
+    setText(c[0], row.label);
+    for (const [i, key] of [[1, 'basic'], [2, 'standard'], [3, 'premium'], [4, 'total']]) {
+      c[i].className = 'num';
+      setText(c[i], row[key]);
+    }
+  };
+
+  const refresh = refresher(async () => {
+    const q = query();
+    $('#s-csv').href = `/api/test/stats-export.csv?${q}`;
+    const stats = await api('GET', `/api/test/stats/?${q}`);
+    drawChart($('#chart'), stats);
+    const rows = stats.labels.map((label, i) => ({
+      label,
+      basic: stats.series.basic[i],
+      standard: stats.series.standard[i],
+      premium: stats.series.premium[i],
+      total: stats.series.total[i],
+    }));
+    rows.push({ label: 'Total', ...stats.totals });
+    patchRows($('#stats tbody'), rows, (r) => r.label, renderRow, 'No periods');
+  });
+
+  form.addEventListener('submit', (event) => event.preventDefault());
+  form.addEventListener('change', async (event) => {
+    if ([f.outlet, f.machine].includes(event.target)) {
+      if (event.target === f.outlet) f.machine.value = '';
+      f.device.value = '';
+      await loadOptions().catch(showError);
+    }
+    refresh.now();
+  });
+  await loadOptions();
+  await refresh.now();
+  live((change) => {
+    if (change.resync || change.events.length) refresh.soon();
   });
 };
 
