@@ -2,6 +2,7 @@
 //! the staff dashboard (`dashboard`, with its live feed) and health endpoints. Handlers parse, call the domain, and map its error once (see
 //! `error`).
 
+mod csrf;
 mod dashboard;
 pub(crate) mod error;
 mod firmware;
@@ -42,6 +43,7 @@ pub fn routes(state: Arc<AppState>) -> impl Endpoint {
         .at("/readyz", poem::get(health::readyz))
         .at("/metrics", poem::get(metrics::metrics_endpoint))
         .with(NormalizePath::new(TrailingSlash::Trim))
+        .around(csrf::same_origin)
         .data(state)
         .around(metrics::track)
         .with_if(!origins.is_empty(), cors)
