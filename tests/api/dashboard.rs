@@ -18,7 +18,7 @@ use fantoccini::{Client, ClientBuilder, Locator};
 use reqwest::Method;
 use serde_json::{json, Value};
 
-use crate::helpers::{spawn_app, Staff, TestApp};
+use crate::helpers::{spawn_app, spawn_app_with, Staff, TestApp};
 
 const PASSWORD: &str = "correct horse battery";
 
@@ -172,6 +172,17 @@ impl Browser {
         .await;
     }
 
+    /// Saves a screenshot as `{name}.png` in `OZONE_SCREENSHOTS` when that names a directory
+    /// (the README's pictures under `docs/` are taken this way).
+    async fn screenshot(&self, name: &str) {
+        let Ok(dir) = std::env::var("OZONE_SCREENSHOTS") else {
+            return;
+        };
+        let png = self.client.screenshot().await.expect("screenshot");
+        std::fs::write(std::path::Path::new(&dir).join(format!("{name}.png")), png)
+            .expect("write the screenshot");
+    }
+
     async fn close(self) {
         let client = self.client.clone();
         let _ = client.close().await;
@@ -287,6 +298,7 @@ async fn staff_follow_devices_live_and_send_a_command_from_the_browser() {
         ))
         .await;
     assert_eq!(same, true, "the row was replaced or the page reloaded");
+    browser.screenshot("dashboard-devices").await;
 
     // The device's page: an invalid payload is refused before anything is sent.
     browser
@@ -407,6 +419,7 @@ async fn staff_follow_devices_live_and_send_a_command_from_the_browser() {
         ])
     );
     assert_eq!(totals["total"], 1, "one treatment in the last 7 days");
+    browser.screenshot("dashboard-stats").await;
 
     // A note is text, never markup.
     browser
@@ -640,4 +653,79 @@ async fn open_live_feeds_do_not_hold_up_shutdown() {
         started.elapsed()
     );
     while let Ok(Some(_)) = feed.chunk().await {}
+}
+
+#[tokio::test]
+async fn session_cookie_mutations_from_other_sites_are_refused() {
+    let app = spawn_app().await;
+    let staff = app.staff().await;
+    let cookie = format!("ozone_token={}", staff.token);
+    let names = std::sync::atomic::AtomicUsize::new(0);
+    let create = |origin: Option<&str>, site: Option<&str>, bearer: bool| {
+        let name = format!(
+            "Shop {}",
+            names.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        let mut req = app
+            .http
+            .post(app.url("/api/outlets/"))
+            .header("cookie", &cookie)
+            .json(&json!({ "name": name }));
+        if let Some(origin) = origin {
+            req = req.header("origin", origin);
+        }
+        if let Some(site) = site {
+            req = req.header("sec-fetch-site", site);
+        }
+        if bearer {
+            req = req.bearer_auth(&staff.token);
+        }
+        req.send()
+    };
+    let refused = create(Some("https://evil.example"), None, false)
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 403);
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["code"], "cross_origin_request");
+    let refused = create(None, Some("cross-site"), false).await.unwrap();
+    assert_eq!(refused.status(), 403);
+    let refused = create(Some("null"), None, false).await.unwrap();
+    assert_eq!(refused.status(), 403);
+
+    // This site's own pages, a bearer token and non-browser clients pass.
+    let own = app.base.clone();
+    for (origin, site, bearer) in [
+        (Some(own.as_str()), Some("same-origin"), false),
+        (Some("https://evil.example"), None, true),
+        (None, None, false),
+    ] {
+        let reply = create(origin, site, bearer).await.unwrap();
+        assert_eq!(reply.status(), 201, "{origin:?} {site:?} bearer: {bearer}");
+    }
+    // Reads are not affected.
+    let read = app
+        .http
+        .get(app.url("/api/outlets/"))
+        .header("cookie", &cookie)
+        .header("origin", "https://evil.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(read.status(), 200);
+
+    // So do origins listed in `cors_allowed_origins`.
+    let listed =
+        spawn_app_with(|s| s.cors_allowed_origins = vec!["https://ops.example".into()]).await;
+    let staff = listed.staff().await;
+    let reply = listed
+        .http
+        .post(listed.url("/api/outlets/"))
+        .header("cookie", format!("ozone_token={}", staff.token))
+        .header("origin", "https://ops.example")
+        .json(&json!({"name": "Shop"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), 201);
 }

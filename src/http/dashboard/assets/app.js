@@ -901,7 +901,9 @@ function drawChart(box, stats) {
     if (stats.previous) lines.push({ key, name: `${name} (previous)`, color, values: stats.previous.series[key], dash: '5 4', faint: true });
     if (stats.ma) lines.push({ key, name: `${name} (average)`, color, values: stats.ma[key], dash: '1 3' });
   }
-  const max = Math.max(1, ...lines.flatMap((l) => l.values));
+  // A top the four grid lines divide into whole numbers.
+  const top = Math.max(1, ...lines.flatMap((l) => l.values));
+  const max = Math.ceil(top / 4) * 4;
   const x = (i) => L + (labels.length <= 1 ? 0 : (i * (W - L - R)) / (labels.length - 1));
   const y = (v) => T + (H - T - B) * (1 - v / max);
   const chart = svg('svg', { viewBox: `0 0 ${W} ${H}`, role: 'img', 'aria-label': 'Treatments per period' });
@@ -915,11 +917,13 @@ function drawChart(box, stats) {
   const step = Math.max(1, Math.ceil(labels.length / 8));
   labels.forEach((label, i) => {
     if (i % step) return;
-    const t = svg('text', { x: x(i), y: H - 12, 'text-anchor': 'middle', 'font-size': 11, fill: '#6b7280' });
+    const anchor = i === 0 ? 'start' : i + step >= labels.length ? 'end' : 'middle';
+    const t = svg('text', { x: x(i), y: H - 12, 'text-anchor': anchor, 'font-size': 11, fill: '#6b7280' });
     t.textContent = label.length > 16 ? label.slice(5, 16) : label;
     chart.append(t);
   });
-  for (const line of lines) {
+  // Totals underneath, so a treatment that makes up the whole total stays visible.
+  for (const line of [...lines].sort((a, b) => (b.key === 'total') - (a.key === 'total'))) {
     if (!line.values.length) continue;
     const d = line.values.map((v, i) => `${i ? 'L' : 'M'}${x(i).toFixed(1)},${y(v).toFixed(1)}`).join(' ');
     chart.append(svg('path', {
