@@ -271,6 +271,13 @@ function live(onChange) {
     });
   };
   connect();
+  // A browser keeps only a few connections per site (six over HTTP/1.1): a page that is left,
+  // even into the back/forward cache, gives its feed's connection back, and takes a new one
+  // when it is shown again.
+  window.addEventListener('pagehide', () => source.close());
+  window.addEventListener('pageshow', (event) => {
+    if (event.persisted) connect();
+  });
 }
 
 const anyDevice = (change) => change.resync || change.devices.length > 0 || change.events.length > 0;
@@ -670,7 +677,7 @@ pages.machines = async () => {
   const refresh = refresher(async () => {
     const [list, unassigned] = await Promise.all([
       api('GET', '/api/machines/?limit=1000'),
-      canEdit() ? api('GET', '/api/machines/unregistered/?limit=1000') : Promise.resolve({ results: [] }),
+      canEdit() ? api('GET', '/api/devices/?assigned=false&limit=1000') : Promise.resolve({ results: [] }),
     ]);
     machines = list.results;
     free = unassigned.results;
