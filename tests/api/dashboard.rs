@@ -194,12 +194,12 @@ fn row(device_id: &str) -> String {
     format!("document.querySelector('#devices tr[data-key=\"{device_id}\"]')")
 }
 
-async fn machine(app: &TestApp, staff: &Staff, name: &str) -> i64 {
+async fn machine(app: &TestApp, staff: &Staff, name: &str, code: &str) -> i64 {
     let reply = app
         .staff_post(
             "/api/machines/",
             staff,
-            &json!({"name": name, "machine_code": "CH1/001/2025", "is_active": true}),
+            &json!({"name": name, "machine_code": code, "is_active": true}),
         )
         .await;
     assert_eq!(reply.status, 201, "{}", reply.body);
@@ -245,7 +245,7 @@ async fn staff_follow_devices_live_and_send_a_command_from_the_browser() {
         ))
         .await;
     // Assigned through the API, polling, then reporting counters: the same row node changes.
-    let machine_id = machine(&app, &staff, "Washer 1").await;
+    let machine_id = machine(&app, &staff, "Washer 1", "CH1/001/2025").await;
     let assigned = app
         .staff_post(
             &format!("/api/machines/{machine_id}/assign/"),
@@ -299,6 +299,42 @@ async fn staff_follow_devices_live_and_send_a_command_from_the_browser() {
         .await;
     assert_eq!(same, true, "the row was replaced or the page reloaded");
     browser.screenshot("dashboard-devices").await;
+
+    // A longer fleet: scrolled down, the page keeps its place when a row changes.
+    for i in 2..=40 {
+        app.handshake(&format!("AA:BB:CC:00:01:{i:02X}")).await;
+    }
+    browser
+        .until(
+            "the whole fleet",
+            "document.querySelectorAll('#devices tbody tr[data-key]').length === 40",
+        )
+        .await;
+    let scrolled = browser
+        .js("window.scrollTo(0, document.body.scrollHeight); return window.scrollY;")
+        .await;
+    assert!(
+        scrolled.as_f64().unwrap_or(0.0) > 0.0,
+        "the page can scroll"
+    );
+    let event = app
+        .post_event(
+            &device,
+            "ev-2",
+            json!({
+                "ts": chrono::Utc::now().to_rfc3339(),
+                "current_counters": {"basic": 6, "standard": 2, "premium": 1}
+            }),
+        )
+        .await;
+    assert_eq!(event.status, 200, "{}", event.body);
+    browser
+        .until(
+            "the new count",
+            &format!("{}.cells[4].innerText === '6'", row(&device.device_id)),
+        )
+        .await;
+    assert_eq!(browser.js("return window.scrollY;").await, scrolled);
 
     // The device's page: an invalid payload is refused before anything is sent.
     browser
@@ -372,20 +408,21 @@ async fn staff_follow_devices_live_and_send_a_command_from_the_browser() {
         .until(
             "the log rows",
             "(() => { const rows = [...document.querySelectorAll('#logs tbody tr[data-key]')]; \
-             return rows.length >= 2 && rows.map(r => [...r.cells].slice(1).map(c => c.innerText)); })()",
+             return rows.length >= 3 && rows.map(r => [...r.cells].slice(1).map(c => c.innerText)); })()",
         )
         .await;
     assert_eq!(
         rows,
         json!([
             ["Reset", device.device_id, "0", "0", "0"],
+            ["Treatment basic", device.device_id, "6", "2", "1"],
             ["Treatment basic", device.device_id, "5", "2", "1"]
         ])
     );
     let logs = app
         .staff_get(&format!("/api/machines/{machine_id}/logs/"), &staff)
         .await;
-    assert_eq!(logs.body["count"], 2, "{}", logs.body);
+    assert_eq!(logs.body["count"], 3, "{}", logs.body);
 
     // Statistics: the chart and its table show what the API answers for the same filters.
     browser.goto(&app, "/stats/").await;
@@ -418,8 +455,46 @@ async fn staff_follow_devices_live_and_send_a_command_from_the_browser() {
             totals["total"]
         ])
     );
-    assert_eq!(totals["total"], 1, "one treatment in the last 7 days");
+    assert_eq!(totals["total"], 2, "two treatments in the last 7 days");
     browser.screenshot("dashboard-stats").await;
+
+    // Assigning from the machines page: a free device picked for a machine without one.
+    let second = machine(&app, &staff, "Washer 2", "CH1/002/2025").await;
+    browser.goto(&app, "/machines/").await;
+    let picker = format!("#machines tr[data-key=\"{second}\"] select");
+    browser
+        .until(
+            "the free devices in the picker",
+            &format!("document.querySelector('{picker}')?.options.length === 40"),
+        )
+        .await;
+    browser
+        .client
+        .find(Locator::Css(&picker))
+        .await
+        .expect("picker")
+        .select_by_value("AA:BB:CC:00:01:02")
+        .await
+        .expect("pick a device");
+    browser
+        .click(&format!("#machines tr[data-key=\"{second}\"] button"))
+        .await;
+    browser
+        .until(
+            "the assigned device in the row",
+            &format!(
+                "document.querySelector('#machines tr[data-key=\"{second}\"]').cells[4].innerText === 'AA:BB:CC:00:01:02'"
+            ),
+        )
+        .await;
+    let bound = app
+        .staff_get(&format!("/api/machines/{second}/"), &staff)
+        .await;
+    assert_eq!(
+        bound.body["device_id"], "AA:BB:CC:00:01:02",
+        "{}",
+        bound.body
+    );
 
     // A note is text, never markup.
     browser
@@ -458,7 +533,7 @@ async fn read_only_users_see_no_mutating_controls() {
     let staff = app.staff().await;
     let viewer = app.user("viewer", false, false).await;
     let device = app.handshake("AA:BB:CC:00:00:02").await;
-    machine(&app, &staff, "Washer 2").await;
+    machine(&app, &staff, "Washer 2", "CH1/002/2025").await;
     let Some(browser) = browser().await else {
         return;
     };
