@@ -400,6 +400,60 @@ async fn staff_follow_devices_live_and_send_a_command_from_the_browser() {
         )
         .await;
 
+    // Cancel a queued command from the page, then put it back with Retry.
+    browser.fill("#c-type", "REBOOT").await;
+    browser.fill("#c-payload", "").await;
+    browser.click("#c-send").await;
+    let reboot = browser
+        .until(
+            "the second command",
+            "(() => { const rows = document.querySelectorAll('#commands tbody tr[data-key]'); \
+             return rows.length === 2 && rows[0].dataset.key; })()",
+        )
+        .await;
+    let reboot = reboot.as_str().expect("command id").to_owned();
+    assert_ne!(reboot, command_id);
+    let reboot_row = format!("document.querySelector('#commands tr[data-key=\"{reboot}\"]')");
+    browser
+        .until(
+            "a pending reboot",
+            &format!("{reboot_row}.cells[0].innerText === 'pending'"),
+        )
+        .await;
+    browser
+        .click(&format!("#commands tr[data-key=\"{reboot}\"] button"))
+        .await;
+    browser
+        .until(
+            "a cancelled reboot",
+            &format!("{reboot_row}.cells[0].innerText === 'cancelled'"),
+        )
+        .await;
+    let cancelled = app
+        .staff_get(&format!("/api/commands/{reboot}/"), &staff)
+        .await;
+    assert_eq!(cancelled.body["status"], "cancelled", "{}", cancelled.body);
+    browser
+        .until(
+            "the retry button",
+            &format!("{reboot_row}.querySelector('button')?.innerText === 'Retry'"),
+        )
+        .await;
+    browser
+        .click(&format!("#commands tr[data-key=\"{reboot}\"] button"))
+        .await;
+    browser
+        .until(
+            "a queued reboot again",
+            &format!("{reboot_row}.cells[0].innerText === 'pending'"),
+        )
+        .await;
+    let retried = app
+        .staff_get(&format!("/api/commands/{reboot}/"), &staff)
+        .await;
+    assert_eq!(retried.body["status"], "pending", "{}", retried.body);
+    assert_eq!(retried.body["retry_count"], 1, "{}", retried.body);
+
     // The machine's logs: the treatment and the reset, newest first, with cumulative counters.
     browser
         .goto(&app, &format!("/machines/{machine_id}/logs/"))
