@@ -73,10 +73,23 @@ pub struct Broker {
     state: Arc<AppState>,
     edge: Arc<edge::Edge>,
     stop: watch::Sender<bool>,
-    runtime: tokio::runtime::Runtime,
+    runtime: ConnectionRuntime,
     watcher: JoinHandle<()>,
     presence: JoinHandle<()>,
     reloader: Option<JoinHandle<()>>,
+}
+
+/// The runtime serving connections. A broker dropped without [`Broker::shutdown`] (its server
+/// future dropped rather than stopped) lets it go in the background: dropping a runtime on
+/// another runtime's worker would panic.
+struct ConnectionRuntime(Option<tokio::runtime::Runtime>);
+
+impl Drop for ConnectionRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
 }
 
 /// Binds a listener of the broker; `what` names the setting in errors.
@@ -200,7 +213,7 @@ impl Broker {
             state,
             edge,
             stop,
-            runtime,
+            runtime: ConnectionRuntime(Some(runtime)),
             watcher,
             presence,
             reloader,
@@ -235,11 +248,13 @@ impl Broker {
         if let Some(reloader) = self.reloader {
             let _ = reloader.await;
         }
-        let runtime = self.runtime;
-        let _ = tokio::task::spawn_blocking(move || {
-            runtime.shutdown_timeout(Duration::from_secs(1));
-        })
-        .await;
+        let mut runtime = self.runtime;
+        if let Some(runtime) = runtime.0.take() {
+            let _ = tokio::task::spawn_blocking(move || {
+                runtime.shutdown_timeout(Duration::from_secs(1));
+            })
+            .await;
+        }
         // The last handle on the presence channel goes with the edge: the writer drains it.
         drop(self.edge);
         let _ = tokio::time::timeout(Duration::from_secs(2), self.presence).await;
