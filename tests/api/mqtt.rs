@@ -1039,6 +1039,50 @@ async fn staff_logins_are_refused_with_the_matching_connack_code() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn staff_password_attempts_count_against_the_login_limits() {
+    let app = crate::helpers::spawn_mqtt_app_with(|s| s.login_attempts_per_minute = 3).await;
+    // Logs in over HTTP once: one attempt of three.
+    integrator(&app, "integrator").await;
+    for _ in 0..2 {
+        let code = refused_code(options(&app, "c1", "integrator", "wrong password")).await;
+        assert_eq!(code, ConnectReturnCode::BadUserNamePassword);
+    }
+    // Over the budget: "server unavailable" (3) in MQTT 3.1.1, even with the right password…
+    let code = refused_code(options(&app, "c1", "integrator", STAFF_PASSWORD)).await;
+    assert_eq!(code, ConnectReturnCode::ServiceUnavailable);
+    // … "connection rate exceeded" (0x9F) in MQTT 5.
+    use rumqttc::v5::{
+        mqttbytes::v5::ConnectReturnCode as V5Code, AsyncClient as V5Client,
+        ConnectionError as V5Error, MqttOptions as V5Options,
+    };
+    let addr = app.mqtt.unwrap();
+    let mut o = V5Options::new("c2", addr.ip().to_string(), addr.port());
+    o.set_credentials("integrator", STAFF_PASSWORD);
+    let (_client, mut eventloop) = V5Client::new(o, 4);
+    let code = loop {
+        match tokio::time::timeout(WAIT, eventloop.poll())
+            .await
+            .expect("CONNACK in time")
+        {
+            Ok(_) => continue,
+            Err(V5Error::ConnectionRefused(code)) => break code,
+            Err(other) => panic!("expected a CONNACK refusal, got {other:?}"),
+        }
+    };
+    assert_eq!(code, V5Code::ConnectionRateExceeded);
+    // The HTTP login shares the budget.
+    let reply = app
+        .staff_call(
+            reqwest::Method::POST,
+            "/api/auth/login/",
+            None,
+            Some(&json!({"username": "integrator", "password": STAFF_PASSWORD})),
+        )
+        .await;
+    assert_eq!(reply.status, 429, "{}", reply.body);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unassigned_device_gets_its_commands_only_once_assigned() {
     // The look for commands the bus did not announce runs every 100 ms here.
     let app = crate::helpers::spawn_mqtt_app_with(|s| s.mqtt_command_poll_ms = 100).await;
