@@ -157,7 +157,9 @@ async fn deliver_now(edge: &Edge, device: i32, include_sent: bool) -> crate::Res
 }
 
 /// Pushes commands as they are queued: at once for those queued in this process (the
-/// notification bus), within `interval` for those queued by other processes.
+/// notification bus), within `interval` for those queued by other processes. Likewise for a
+/// connected device's commands that waited for its assignment: at once when it is assigned
+/// in this process, within `interval` otherwise.
 pub async fn watch_commands(edge: Arc<Edge>, interval: Duration, mut stop: watch::Receiver<bool>) {
     let mut notifications = edge.state.notifier.subscribe();
     let mut ticker = tokio::time::interval(interval);
@@ -166,6 +168,10 @@ pub async fn watch_commands(edge: Arc<Edge>, interval: Duration, mut stop: watch
         tokio::select! {
             received = notifications.recv() => match received {
                 Ok(Notification::CommandQueued { device, .. }) => deliver(&edge, device, false),
+                // An assignment in this process: the device's waiting commands may go now.
+                Ok(Notification::DeviceChanged { device }) if edge.sessions.get(device).is_some() => {
+                    deliver(&edge, device, false)
+                }
                 Ok(_) => {}
                 Err(RecvError::Lagged(_)) => sweep_pending(&edge).await,
                 Err(RecvError::Closed) => break,

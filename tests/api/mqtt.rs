@@ -1118,6 +1118,58 @@ async fn an_unassigned_device_gets_its_commands_only_once_assigned() {
     assert_eq!(command_row(&app, &waiting).await.status, "pending");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_assignment_in_the_server_releases_waiting_commands_at_once() {
+    use ozone::domain::machines::{self, NewMachine};
+    // No periodic look within the test: only the assignment's announcement can deliver.
+    let app = crate::helpers::spawn_mqtt_app_with(|s| s.mqtt_command_poll_ms = 600_000).await;
+    let device = app.handshake("AA:00:00:00:00:35").await;
+    let mut client = connect(&app, &device).await;
+    client.subscribe(&topic(&device, "commands")).await;
+    let queued = create_command(&app, &device, "REBOOT", 0).await;
+    client.receives_nothing().await;
+    let state = &app.state;
+    let machine = machines::create(
+        &state.db,
+        NewMachine {
+            outlet: None,
+            name: "M-35".into(),
+            is_active: true,
+            machine_code: None,
+        },
+    )
+    .await
+    .unwrap();
+    machines::assign(
+        &state.db,
+        &state.tokens,
+        &state.notifier,
+        machine.id,
+        &device.device_id,
+        false,
+        state.settings.thresholds(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        client.receive(&topic(&device, "commands")).await["command_id"],
+        queued
+    );
+    // Unassigned in the server: the next command waits.
+    machines::unassign(
+        &state.db,
+        &state.tokens,
+        &state.notifier,
+        machine.id,
+        state.settings.thresholds(),
+    )
+    .await
+    .unwrap();
+    let waiting = create_command(&app, &device, "RESET", 0).await;
+    client.receives_nothing().await;
+    assert_eq!(command_row(&app, &waiting).await.status, "pending");
+}
+
 /// The app with an MQTT-over-TLS listener whose certificate (for `localhost`) a test CA
 /// signed; returns the app, the CA's PEM file and the certificate and key files.
 async fn spawn_mqtts_app(
