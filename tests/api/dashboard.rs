@@ -22,16 +22,45 @@ use crate::helpers::{spawn_app, spawn_app_with, Staff, TestApp};
 
 const PASSWORD: &str = "correct horse battery";
 
-/// A headless Chromium session; chromedriver is stopped when this is dropped.
+/// A headless Chromium session. Dropped (also when a test fails), it ends the session, which
+/// closes the browser, and then stops chromedriver.
 struct Browser {
     client: Client,
-    driver: Child,
+    session: Option<String>,
+    driver: Driver,
+}
+
+/// chromedriver, stopped when dropped.
+struct Driver {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 impl Drop for Browser {
     fn drop(&mut self) {
-        let _ = self.driver.kill();
-        let _ = self.driver.wait();
+        use std::io::{Read, Write};
+        // The async client cannot be used while its runtime unwinds: a plain WebDriver
+        // `DELETE /session/{id}` ends the browser before chromedriver is stopped.
+        let Some(session) = self.session.take() else {
+            return;
+        };
+        let port = self.driver.port;
+        if let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+            let _ = write!(
+                stream,
+                "DELETE /session/{session} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\
+                 Content-Length: 0\r\nConnection: close\r\n\r\n"
+            );
+            let _ = stream.read(&mut [0u8; 1024]);
+        }
     }
 }
 
@@ -64,6 +93,7 @@ async fn browser() -> Option<Browser> {
         .spawn()
         .expect("start chromedriver");
     let stdout = child.stdout.take().expect("chromedriver stdout");
+    let mut driver = Driver { child, port: 0 };
     // "ChromeDriver was started successfully on port 41235."
     let port = tokio::task::spawn_blocking(move || {
         let mut lines = BufReader::new(stdout).lines();
@@ -78,6 +108,7 @@ async fn browser() -> Option<Browser> {
     .await
     .expect("read chromedriver output")
     .expect("chromedriver printed its port");
+    driver.port = port;
     let capabilities = json!({
         "browserName": "chrome",
         "goog:chromeOptions": {
@@ -96,9 +127,11 @@ async fn browser() -> Option<Browser> {
         .connect(&format!("http://127.0.0.1:{port}"))
         .await
         .expect("open a browser session");
+    let session = client.session_id().await.expect("session id");
     Some(Browser {
         client,
-        driver: child,
+        session,
+        driver,
     })
 }
 
@@ -183,9 +216,9 @@ impl Browser {
             .expect("write the screenshot");
     }
 
-    async fn close(self) {
-        let client = self.client.clone();
-        let _ = client.close().await;
+    async fn close(mut self) {
+        self.session = None;
+        let _ = self.client.clone().close().await;
     }
 }
 
