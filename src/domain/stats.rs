@@ -209,11 +209,30 @@ pub fn parse_tz(tz: Option<&str>) -> Result<Tz> {
 }
 
 /// A point in time a client gave: an instant with an offset, a local date-time in `tz`, or a
-/// date (its local midnight). Says whether it was a bare date.
+/// date (its local midnight). Says whether it was a bare date. Years run from 1 to 9999, so
+/// that ranges, the period before them and their bucket edges stay far inside what dates can
+/// hold.
 pub fn parse_time(field: &str, value: &str, tz: Tz) -> Result<(DateTime<Utc>, bool)> {
     let s = value.trim();
+    let (t, date, year) = parse_any_time(s, tz).ok_or_else(|| {
+        Error::invalid(
+            "invalid_time",
+            format!("{field} `{s}` is not an ISO 8601 date (2025-03-30) or date-time (2025-03-30T12:00:00Z)"),
+        )
+    })?;
+    if !(1..=9999).contains(&year) {
+        return Err(Error::invalid(
+            "invalid_time",
+            format!("{field} `{s}` is out of range: years run from 1 to 9999"),
+        ));
+    }
+    Ok((t, date))
+}
+
+/// The instant, whether it was a bare date, and the year as written.
+fn parse_any_time(s: &str, tz: Tz) -> Option<(DateTime<Utc>, bool, i32)> {
     if let Ok(t) = DateTime::parse_from_rfc3339(s) {
-        return Ok((t.with_timezone(&Utc), false));
+        return Some((t.with_timezone(&Utc), false, t.year()));
     }
     for format in [
         "%Y-%m-%dT%H:%M:%S%.f",
@@ -222,16 +241,17 @@ pub fn parse_time(field: &str, value: &str, tz: Tz) -> Result<(DateTime<Utc>, bo
         "%Y-%m-%d %H:%M",
     ] {
         if let Ok(local) = NaiveDateTime::parse_from_str(s, format) {
-            return Ok((local_instant(tz, local), false));
+            if !(1..=9999).contains(&local.year()) {
+                return Some((local.and_utc(), false, local.year()));
+            }
+            return Some((local_instant(tz, local), false, local.year()));
         }
     }
-    if let Ok(date) = NaiveDate::parse_from_str(s, "%Y-%m-%d") {
-        return Ok((local_midnight(tz, date), true));
+    let date = NaiveDate::parse_from_str(s, "%Y-%m-%d").ok()?;
+    if !(1..=9999).contains(&date.year()) {
+        return Some((date.and_time(NaiveTime::MIN).and_utc(), true, date.year()));
     }
-    Err(Error::invalid(
-        "invalid_time",
-        format!("{field} `{s}` is not an ISO 8601 date (2025-03-30) or date-time (2025-03-30T12:00:00Z)"),
-    ))
+    Some((local_midnight(tz, date), true, date.year()))
 }
 
 /// The instant a local wall-clock time names: the earlier one when the clock went back, the

@@ -322,6 +322,15 @@ async fn bad_parameters_are_answered_with_4xx_json() {
             ("granularity=DAY", 422, "invalid_granularity"),
             ("start=2025-02-01&end=2025-01-01", 422, "invalid_range"),
             ("start=yesterday", 422, "invalid_time"),
+            // Dates so far out that the period before them would not fit in a date.
+            (
+                "start=-262143-01-01&end=-262143-01-05&compare=true",
+                422,
+                "invalid_time",
+            ),
+            ("end=-262143-01-03&days=5", 422, "invalid_time"),
+            ("start=0000-12-31", 422, "invalid_time"),
+            ("end=10000-01-01", 422, "invalid_time"),
             ("device_id=a%00b", 422, "invalid_parameter"),
             ("outlet_id=999", 404, "outlet_not_found"),
             ("machine_id=999", 404, "machine_not_found"),
@@ -353,6 +362,7 @@ async fn bad_parameters_are_answered_with_4xx_json() {
             "device_not_found",
         ),
         ("/api/export/?start=soon", 422, "invalid_time"),
+        ("/api/export/?end=-262143-01-03&days=5", 422, "invalid_time"),
         (
             "/api/export/?start=2025-02-01&end=2025-01-01",
             422,
@@ -553,6 +563,13 @@ async fn flush_needs_a_superuser_and_the_confirmation() {
         "/api/flush/",
         &root,
         &json!({"confirm": confirm, "before": "someday"}),
+    )
+    .await
+    .assert_error(422, "invalid_time");
+    app.staff_post(
+        "/api/flush/",
+        &root,
+        &json!({"confirm": confirm, "before": "-262143-01-01"}),
     )
     .await
     .assert_error(422, "invalid_time");
