@@ -81,6 +81,9 @@ pub async fn from_poem(err: poem::Error) -> Response {
     if err.is_from_response() {
         return err.into_response();
     }
+    if let Some(invalid) = out_of_bounds(&err) {
+        return invalid;
+    }
     let status = err.status();
     let code = match status {
         StatusCode::NOT_FOUND => "not_found",
@@ -101,4 +104,38 @@ pub async fn from_poem(err: poem::Error) -> Response {
         );
     }
     error_response(status, code, &err.to_string())
+}
+
+/// A value of the right type outside the bounds the spec declares (`limit=5000`,
+/// `expires_in: 0`) breaks a rule like any other: 422 with `invalid_<name>`, as the domain
+/// answers for the same values.
+fn out_of_bounds(err: &poem::Error) -> Option<Response> {
+    use poem_openapi::error::{ParseParamError, ParseRequestPayloadError};
+    const MARK: &str = "verification failed";
+    let (name, detail) = if let Some(e) = err.downcast_ref::<ParseParamError>() {
+        (e.name.to_owned(), e.reason.clone())
+    } else if let Some(e) = err.downcast_ref::<ParseRequestPayloadError>() {
+        let field = e.reason.split('`').nth(1)?;
+        (field.to_owned(), e.reason.clone())
+    } else {
+        return None;
+    };
+    if !detail.contains(MARK)
+        || name.is_empty()
+        || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+    {
+        return None;
+    }
+    let code: &'static str = match name.as_str() {
+        "limit" => "invalid_limit",
+        "offset" => "invalid_offset",
+        "days" => "invalid_days",
+        "expires_in" => "invalid_expiry",
+        _ => "invalid_field",
+    };
+    Some(error_response(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        code,
+        &format!("`{name}` is out of range ({detail})"),
+    ))
 }

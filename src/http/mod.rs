@@ -48,7 +48,24 @@ pub fn routes(state: Arc<AppState>) -> impl Endpoint {
         .around(metrics::track)
         .with_if(!origins.is_empty(), cors)
         .catch_all_error(error::from_poem)
+        .around(allow_on_405)
         .around(access_log)
+}
+
+/// A 405 says which methods the path does accept (`Allow`, RFC 9110), read from the spec.
+async fn allow_on_405<E: Endpoint>(endpoint: Arc<E>, request: Request) -> poem::Result<Response> {
+    let path = request.uri().path().to_owned();
+    let mut response = endpoint.call(request).await?.into_response();
+    if response.status() == poem::http::StatusCode::METHOD_NOT_ALLOWED {
+        if let Some(allow) =
+            staff::allowed_methods(&path).and_then(|m| poem::http::HeaderValue::from_str(&m).ok())
+        {
+            response
+                .headers_mut()
+                .insert(poem::http::header::ALLOW, allow);
+        }
+    }
+    Ok(response)
 }
 
 /// The dedicated `metrics_addr` listener: `/metrics` and nothing else.

@@ -291,3 +291,201 @@ async fn api_tokens_are_shown_once_scoped_and_revocable() {
         .await
         .assert_error(401, "token_revoked");
 }
+
+#[tokio::test]
+async fn superusers_administer_users_and_changes_take_effect_at_once() {
+    let app = spawn_app().await;
+    let root = app.user("root", true, true).await;
+    let staff = app.staff().await;
+    let reader = app.user("reader", false, false).await;
+
+    // Only superusers see or change accounts.
+    app.staff_get("/api/auth/users/", &staff)
+        .await
+        .assert_error(403, "superuser_required");
+    app.staff_call(Method::GET, "/api/auth/users/", None, None)
+        .await
+        .assert_error(401, "not_authenticated");
+    let list = app.staff_get("/api/auth/users/?limit=2", &root).await;
+    assert_eq!(list.status, 200, "{}", list.body);
+    assert_eq!(list.body["count"], 3);
+    let names: Vec<&str> = list.body["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["username"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["root", "staff"]);
+    assert!(list.body["next"].as_str().unwrap().contains("offset=2"));
+    let reader_id = app.staff_get("/api/auth/users/?offset=2", &root).await.body["results"][0]
+        ["id"]
+        .as_i64()
+        .unwrap();
+    app.staff_get("/api/auth/users/999999/", &root)
+        .await
+        .assert_error(404, "user_not_found");
+
+    // Promote the reader to staff: its existing token now may mutate.
+    let path = format!("/api/auth/users/{reader_id}/");
+    let promoted = app
+        .staff_call(
+            Method::PATCH,
+            &path,
+            Some(&root.token),
+            Some(&json!({"is_staff": true, "first_name": "Rea"})),
+        )
+        .await;
+    assert_eq!(promoted.status, 200, "{}", promoted.body);
+    assert_eq!(promoted.body["is_staff"], true);
+    assert_eq!(promoted.body["first_name"], "Rea");
+    let outlet = app
+        .staff_post("/api/outlets/", &reader, &json!({"name": "Promoted"}))
+        .await;
+    assert_eq!(outlet.status, 201, "{}", outlet.body);
+
+    // A weak password is refused; a new password ends the user's sessions.
+    app.staff_call(
+        Method::PATCH,
+        &path,
+        Some(&root.token),
+        Some(&json!({"password": "short"})),
+    )
+    .await
+    .assert_error(422, "weak_password");
+    let reset = app
+        .staff_call(
+            Method::PATCH,
+            &path,
+            Some(&root.token),
+            Some(&json!({"password": "a brand new password"})),
+        )
+        .await;
+    assert_eq!(reset.status, 200, "{}", reset.body);
+    app.staff_get("/api/auth/user/", &reader)
+        .await
+        .assert_error(401, "token_revoked");
+    let login = app
+        .staff_call(
+            Method::POST,
+            "/api/auth/login/",
+            None,
+            Some(&json!({"username": "reader", "password": "a brand new password"})),
+        )
+        .await;
+    assert_eq!(login.status, 200, "{}", login.body);
+
+    // Deactivation refuses the user's tokens at once.
+    let deactivated = app
+        .staff_call(
+            Method::PATCH,
+            &path,
+            Some(&root.token),
+            Some(&json!({"is_active": false})),
+        )
+        .await;
+    assert_eq!(deactivated.status, 200, "{}", deactivated.body);
+    let token = login.body["token"].as_str().unwrap();
+    app.staff_call(Method::GET, "/api/auth/user/", Some(token), None)
+        .await
+        .assert_error(401, "token_revoked");
+    app.staff_call(
+        Method::POST,
+        "/api/auth/login/",
+        None,
+        Some(&json!({"username": "reader", "password": "a brand new password"})),
+    )
+    .await
+    .assert_error(401, "user_inactive");
+
+    // The last active superuser cannot lock everyone out.
+    let root_id = app.staff_get("/api/auth/user/", &root).await.body["user"]["id"]
+        .as_i64()
+        .unwrap();
+    let root_path = format!("/api/auth/users/{root_id}/");
+    app.staff_call(
+        Method::PATCH,
+        &root_path,
+        Some(&root.token),
+        Some(&json!({"is_superuser": false})),
+    )
+    .await
+    .assert_error(409, "last_superuser");
+    app.staff_call(
+        Method::PATCH,
+        &root_path,
+        Some(&root.token),
+        Some(&json!({"is_active": false})),
+    )
+    .await
+    .assert_error(409, "last_superuser");
+    let still = app.staff_get("/api/auth/user/", &root).await;
+    assert_eq!(still.body["user"]["is_superuser"], true);
+}
+
+#[tokio::test]
+async fn users_change_their_own_password_and_other_sessions_end() {
+    let app = spawn_app().await;
+    let first = app.staff().await;
+    let second = app
+        .staff_call(
+            Method::POST,
+            "/api/auth/login/",
+            None,
+            Some(&json!({"username": "staff", "password": "correct horse battery"})),
+        )
+        .await;
+    let second = second.body["token"].as_str().unwrap().to_owned();
+
+    app.staff_post(
+        "/api/auth/password/",
+        &first,
+        &json!({"current_password": "wrong one!", "new_password": "another long one"}),
+    )
+    .await
+    .assert_error(422, "wrong_password");
+    let changed = app
+        .staff_post(
+            "/api/auth/password/",
+            &first,
+            &json!({"current_password": "correct horse battery", "new_password": "another long one"}),
+        )
+        .await;
+    assert_eq!(changed.status, 200, "{}", changed.body);
+    // The session that made the change stays; the other one ends.
+    assert_eq!(app.staff_get("/api/auth/user/", &first).await.status, 200);
+    app.staff_call(Method::GET, "/api/auth/user/", Some(&second), None)
+        .await
+        .assert_error(401, "token_revoked");
+    app.staff_call(
+        Method::POST,
+        "/api/auth/login/",
+        None,
+        Some(&json!({"username": "staff", "password": "correct horse battery"})),
+    )
+    .await
+    .assert_error(401, "invalid_credentials");
+}
+
+#[tokio::test]
+async fn a_forged_cookie_beside_a_valid_bearer_token_is_refused() {
+    let app = spawn_app().await;
+    let staff = app.staff().await;
+    let resp = app
+        .http
+        .get(format!("{}/api/auth/user/", app.base))
+        .bearer_auth(&staff.token)
+        .header(header::COOKIE, "ozone_token=forged")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    let both = app
+        .http
+        .get(format!("{}/api/auth/user/", app.base))
+        .bearer_auth(&staff.token)
+        .header(header::COOKIE, format!("ozone_token={}", staff.token))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(both.status(), 200);
+}

@@ -79,3 +79,42 @@ async fn spec_documents_firmware_contract_security_schemes_and_errors() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_wrong_method_is_405_with_the_allowed_methods() {
+    let app = spawn_app().await;
+    for (method, path, allowed) in [
+        ("TRACE", "/api/devices/", "GET, HEAD"),
+        ("PUT", "/api/commands/bulk/", "POST"),
+        ("DELETE", "/api/handshake", "POST"),
+    ] {
+        let resp = app
+            .http
+            .request(
+                reqwest::Method::from_bytes(method.as_bytes()).unwrap(),
+                format!("{}{path}", app.base),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 405, "{method} {path}");
+        assert_eq!(resp.headers()["allow"], allowed, "{method} {path}");
+    }
+}
+
+#[tokio::test]
+async fn the_spec_has_both_operations_of_a_shared_path() {
+    let app = spawn_app().await;
+    let spec: serde_json::Value = app
+        .http
+        .get(format!("{}/openapi.json", app.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let events = spec["paths"]["/api/events"].as_object().unwrap();
+    assert!(events.contains_key("get"), "the staff list");
+    assert!(events.contains_key("post"), "the firmware upload");
+}

@@ -12,14 +12,14 @@ use poem_openapi::{
     ApiResponse, Object, OpenApi, SecurityScheme,
 };
 
-use super::common::{page_request, ApiError, ApiResult, Deleted, Page};
+use super::common::{optional_text, page_request, text, ApiError, ApiResult, Deleted, Page};
 use super::Tag;
 use crate::{
     db::entities::{api_token, user},
     domain::{
         auth::{self, NewApiToken, Principal, Scope},
         queries,
-        users::{self, NewUser},
+        users::{self, NewUser, UserChange},
     },
     error::Error,
     http::limits::{client_ip, KeyedLimiter},
@@ -39,11 +39,28 @@ async fn resolve(req: &Request, credential: &str) -> poem::Result<Principal> {
     Ok(auth::authenticate(&state.db, &state.auth, credential).await?)
 }
 
+fn presented_bearer(req: &Request) -> Option<&str> {
+    let value = req.headers().get(poem::http::header::AUTHORIZATION)?;
+    let value = value.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then_some(token)
+}
+
+// A request is refused when any credential it presents is invalid, even if another one is
+// good: a stale or forged cookie next to a valid bearer token is a 401, not silently ignored.
+
 async fn check_cookie(req: &Request, key: ApiKey) -> poem::Result<Principal> {
-    resolve(req, &key.key).await
+    let principal = resolve(req, &key.key).await?;
+    if let Some(bearer) = presented_bearer(req) {
+        return resolve(req, bearer).await;
+    }
+    Ok(principal)
 }
 
 async fn check_bearer(req: &Request, bearer: Bearer) -> poem::Result<Principal> {
+    if let Some(cookie) = req.cookie().get(COOKIE_NAME) {
+        resolve(req, cookie.value_str()).await?;
+    }
     resolve(req, &bearer.token).await
 }
 
@@ -123,6 +140,7 @@ pub struct UserDto {
     pub is_staff: bool,
     pub is_superuser: bool,
     pub is_active: bool,
+    #[oai(nullable)]
     pub last_login: Option<DateTime<Utc>>,
     pub date_joined: DateTime<Utc>,
 }
@@ -146,8 +164,10 @@ impl From<&user::Model> for UserDto {
 
 #[derive(Debug, Object)]
 pub struct LoginBody {
+    #[oai(deserialize_with = "text")]
     pub username: String,
     #[oai(write_only)]
+    #[oai(deserialize_with = "text")]
     pub password: String,
 }
 
@@ -189,22 +209,26 @@ pub struct UserReply {
 #[derive(Debug, Object)]
 pub struct CheckReply {
     pub authenticated: bool,
+    #[oai(nullable)]
     pub user: Option<UserDto>,
 }
 
 #[derive(Debug, Object)]
 pub struct RegisterBody {
+    #[oai(deserialize_with = "text")]
     pub username: String,
     #[oai(write_only)]
+    #[oai(deserialize_with = "text")]
     pub password: String,
-    #[oai(default)]
-    pub email: String,
-    #[oai(default)]
-    pub first_name: String,
-    #[oai(default)]
-    pub last_name: String,
+    #[oai(nullable, deserialize_with = "optional_text")]
+    pub email: Option<String>,
+    #[oai(nullable, deserialize_with = "optional_text")]
+    pub first_name: Option<String>,
+    #[oai(nullable, deserialize_with = "optional_text")]
+    pub last_name: Option<String>,
     /// Only a superuser may create staff accounts.
     #[oai(default)]
+    #[oai(nullable)]
     pub is_staff: bool,
 }
 
@@ -222,6 +246,44 @@ pub enum RegisterResponse {
     Created(Json<RegisterReply>),
 }
 
+/// A superuser's change to an account; absent fields stay as they are.
+#[derive(Debug, Object)]
+pub struct UserPatchBody {
+    #[oai(nullable)]
+    #[oai(deserialize_with = "optional_text")]
+    pub email: Option<String>,
+    #[oai(nullable)]
+    #[oai(deserialize_with = "optional_text")]
+    pub first_name: Option<String>,
+    #[oai(nullable)]
+    #[oai(deserialize_with = "optional_text")]
+    pub last_name: Option<String>,
+    /// A deactivated user cannot log in; their sessions and API tokens stop working at once.
+    #[oai(nullable)]
+    pub is_active: Option<bool>,
+    #[oai(nullable)]
+    pub is_staff: Option<bool>,
+    /// A superuser is also staff. The last active superuser cannot be demoted.
+    #[oai(nullable)]
+    pub is_superuser: Option<bool>,
+    /// A new password (at least 8 characters); it ends the user's login sessions.
+    #[oai(write_only)]
+    #[oai(nullable)]
+    #[oai(deserialize_with = "optional_text")]
+    pub password: Option<String>,
+}
+
+#[derive(Debug, Object)]
+pub struct PasswordBody {
+    #[oai(write_only)]
+    #[oai(deserialize_with = "text")]
+    pub current_password: String,
+    /// At least 8 characters.
+    #[oai(write_only)]
+    #[oai(deserialize_with = "text")]
+    pub new_password: String,
+}
+
 /// An API token as listed (the token itself is shown only when created).
 #[derive(Debug, Object)]
 pub struct ApiTokenDto {
@@ -231,7 +293,9 @@ pub struct ApiTokenDto {
     pub scope: String,
     pub user_id: i32,
     pub created_at: DateTime<Utc>,
+    #[oai(nullable)]
     pub expires_at: Option<DateTime<Utc>>,
+    #[oai(nullable)]
     pub revoked_at: Option<DateTime<Utc>>,
 }
 
@@ -251,16 +315,14 @@ impl From<api_token::Model> for ApiTokenDto {
 
 #[derive(Debug, Object)]
 pub struct NewApiTokenBody {
+    #[oai(deserialize_with = "text")]
     pub name: String,
-    /// `read` (reads only) or `staff` (the creating user's rights).
-    #[oai(default = "default_scope")]
-    pub scope: String,
+    /// `read` (reads only, the default) or `staff` (the creating user's rights).
+    #[oai(nullable, deserialize_with = "optional_text")]
+    pub scope: Option<String>,
     /// When the token stops working; none = never.
+    #[oai(nullable)]
     pub expires_at: Option<DateTime<Utc>>,
-}
-
-fn default_scope() -> String {
-    "read".into()
 }
 
 #[derive(Debug, Object)]
@@ -406,9 +468,9 @@ impl AuthApi {
             NewUser {
                 username: body.username,
                 password: body.password,
-                email: body.email,
-                first_name: body.first_name,
-                last_name: body.last_name,
+                email: body.email.unwrap_or_default(),
+                first_name: body.first_name.unwrap_or_default(),
+                last_name: body.last_name.unwrap_or_default(),
                 is_staff: body.is_staff,
                 is_superuser: false,
             },
@@ -419,6 +481,131 @@ impl AuthApi {
             message: "User created successfully".into(),
             user: UserDto::from(&created),
         })))
+    }
+
+    /// List users
+    ///
+    /// Every account, oldest first. Superusers only.
+    #[oai(
+        path = "/api/auth/users",
+        method = "get",
+        operation_id = "auth_users_list"
+    )]
+    async fn list_users(
+        &self,
+        req: &Request,
+        auth: StaffAuth,
+        state: poem::web::Data<&Arc<AppState>>,
+        /// Items per page (1-1000, default 50).
+        #[oai(validator(minimum(value = "1"), maximum(value = "1000")))]
+        limit: poem_openapi::param::Query<Option<i64>>,
+        /// Items to skip.
+        #[oai(validator(minimum(value = "0")))]
+        offset: poem_openapi::param::Query<Option<i64>>,
+    ) -> ApiResult<Json<Page<UserDto>>> {
+        auth.superuser()?;
+        let window = page_request(limit.0, offset.0)?;
+        let page = users::list(&state.db, window).await?;
+        Ok(Json(Page::from_domain(req, page, |u| UserDto::from(&u))))
+    }
+
+    /// Show a user
+    ///
+    /// Superusers only.
+    #[oai(
+        path = "/api/auth/users/:id",
+        method = "get",
+        operation_id = "auth_users_get"
+    )]
+    async fn get_user(
+        &self,
+        auth: StaffAuth,
+        state: poem::web::Data<&Arc<AppState>>,
+        id: Path<i32>,
+    ) -> ApiResult<Json<UserDto>> {
+        auth.superuser()?;
+        Ok(Json(UserDto::from(&users::get(&state.db, id.0).await?)))
+    }
+
+    /// Change a user
+    ///
+    /// Superusers only: names, email, roles, activation and password. Deactivating a user or
+    /// setting a new password ends their login sessions at once; the last active superuser
+    /// cannot be deactivated or demoted (409 `last_superuser`).
+    #[oai(
+        path = "/api/auth/users/:id",
+        method = "patch",
+        operation_id = "auth_users_update"
+    )]
+    async fn update_user(
+        &self,
+        auth: StaffAuth,
+        state: poem::web::Data<&Arc<AppState>>,
+        id: Path<i32>,
+        body: Json<UserPatchBody>,
+    ) -> ApiResult<Json<UserDto>> {
+        let actor = auth.superuser()?;
+        let body = body.0;
+        let updated = users::update(
+            &state.db,
+            id.0,
+            UserChange {
+                email: body.email,
+                first_name: body.first_name,
+                last_name: body.last_name,
+                is_active: body.is_active,
+                is_staff: body.is_staff,
+                is_superuser: body.is_superuser,
+                password: body.password,
+            },
+        )
+        .await?;
+        tracing::info!(
+            actor = actor.username(),
+            user = updated.username.as_str(),
+            is_active = updated.is_active,
+            is_staff = updated.is_staff,
+            is_superuser = updated.is_superuser,
+            "user changed"
+        );
+        Ok(Json(UserDto::from(&updated)))
+    }
+
+    /// Change my password
+    ///
+    /// Needs the current password. The caller's other login sessions end; the one that made
+    /// the change stays valid.
+    #[oai(
+        path = "/api/auth/password",
+        method = "post",
+        operation_id = "auth_password_change"
+    )]
+    async fn change_password(
+        &self,
+        auth: StaffAuth,
+        state: poem::web::Data<&Arc<AppState>>,
+        body: Json<PasswordBody>,
+    ) -> ApiResult<Json<MessageReply>> {
+        let principal = auth.principal();
+        if principal.session.is_none() {
+            return Err(Error::forbidden(
+                "session_required",
+                "an API token cannot change its user's password; log in with the password",
+            )
+            .into());
+        }
+        users::change_own_password(
+            &state.db,
+            &principal.user,
+            &body.current_password,
+            body.0.new_password.clone(),
+            principal.session.as_deref(),
+        )
+        .await?;
+        Ok(Json(MessageReply {
+            success: true,
+            message: "Password changed".into(),
+        }))
     }
 
     /// Create an API token
@@ -442,7 +629,7 @@ impl AuthApi {
             auth.staff()?,
             NewApiToken {
                 name: body.name,
-                scope: Scope::parse_token_scope(&body.scope)?,
+                scope: Scope::parse_token_scope(body.scope.as_deref().unwrap_or("read"))?,
                 expires_at: body.expires_at,
             },
         )
@@ -467,8 +654,10 @@ impl AuthApi {
         auth: StaffAuth,
         state: poem::web::Data<&Arc<AppState>>,
         /// Items per page (1-1000, default 50).
+        #[oai(validator(minimum(value = "1"), maximum(value = "1000")))]
         limit: poem_openapi::param::Query<Option<i64>>,
         /// Items to skip.
+        #[oai(validator(minimum(value = "0")))]
         offset: poem_openapi::param::Query<Option<i64>>,
     ) -> ApiResult<Json<Page<ApiTokenDto>>> {
         let window = page_request(limit.0, offset.0)?;

@@ -13,7 +13,7 @@ use poem_openapi::{
 use serde_json::Value;
 
 use super::{
-    common::{page_request, ApiResult, Page},
+    common::{optional_text, page_request, text, ApiResult, Page},
     StaffAuth, Tag,
 };
 use crate::{
@@ -70,19 +70,27 @@ pub struct CommandDto {
     pub command_type: String,
     /// Larger is more urgent.
     pub priority: i32,
+    #[oai(nullable)]
     pub payload: Option<Any<Value>>,
     pub description: String,
     pub status: CommandStatus,
     /// How it was delivered: `http` or `mqtt`.
+    #[oai(nullable)]
     pub channel: Option<String>,
     pub created_at: DateTime<Utc>,
+    #[oai(nullable)]
     pub sent_at: Option<DateTime<Utc>>,
+    #[oai(nullable)]
     pub executed_at: Option<DateTime<Utc>>,
+    #[oai(nullable)]
     pub expires_at: Option<DateTime<Utc>>,
+    #[oai(nullable)]
     pub response_data: Option<Any<Value>>,
+    #[oai(nullable)]
     pub error_message: Option<String>,
     pub retry_count: i32,
     /// The staff user who created it.
+    #[oai(nullable)]
     pub created_by: Option<String>,
     /// The result arrived after the command had expired.
     pub late: bool,
@@ -117,17 +125,24 @@ impl From<CommandView> for CommandDto {
 #[derive(Debug, Object)]
 pub struct NewCommandBody {
     /// e.g. `RESET`, `REBOOT` (letters, digits, `_`, `-`, `.`; stored upper-case).
+    #[oai(deserialize_with = "text")]
     pub command_type: String,
     /// Any JSON the device understands.
+    #[oai(nullable)]
     pub payload: Option<Any<Value>>,
     /// Larger is more urgent (default 0).
     #[oai(default)]
     pub priority: i32,
-    #[oai(default)]
-    pub description: String,
-    /// Seconds until the command times out (or give `expires_at`).
+    #[oai(nullable, deserialize_with = "optional_text")]
+    pub description: Option<String>,
+    /// Seconds until the command times out, at most ten years (or give `expires_at`).
+    #[oai(
+        nullable,
+        validator(minimum(value = "1"), maximum(value = "315360000"))
+    )]
     pub expires_in: Option<u64>,
     /// When the command times out.
+    #[oai(nullable)]
     pub expires_at: Option<DateTime<Utc>>,
 }
 
@@ -158,18 +173,27 @@ fn lifetime(
 #[derive(Debug, Object)]
 pub struct BulkBody {
     /// Devices by id.
+    #[oai(nullable)]
     pub device_ids: Option<Vec<String>>,
     /// Machines by id: their current devices.
+    #[oai(nullable)]
     pub machine_ids: Option<Vec<i32>>,
     /// Every machine of an outlet.
+    #[oai(nullable)]
     pub outlet_id: Option<i32>,
+    #[oai(deserialize_with = "text")]
     pub command_type: String,
+    #[oai(nullable)]
     pub payload: Option<Any<Value>>,
     #[oai(default)]
     pub priority: i32,
-    #[oai(default)]
-    pub description: String,
-    /// Seconds until each command times out.
+    #[oai(nullable, deserialize_with = "optional_text")]
+    pub description: Option<String>,
+    /// Seconds until each command times out, at most ten years.
+    #[oai(
+        nullable,
+        validator(minimum(value = "1"), maximum(value = "315360000"))
+    )]
     pub expires_in: Option<u64>,
 }
 
@@ -227,7 +251,7 @@ impl CommandsApi {
             command_type: body.command_type,
             payload: body.payload.map(|a| a.0),
             priority: body.priority,
-            description: body.description,
+            description: body.description.unwrap_or_default(),
             expires_in: lifetime(body.expires_in, body.expires_at)?,
             created_by: Some(who.username().to_owned()),
         };
@@ -253,8 +277,10 @@ impl CommandsApi {
         device_id: Path<String>,
         status: Query<Option<CommandStatus>>,
         /// Items per page (1-1000, default 50).
+        #[oai(validator(minimum(value = "1"), maximum(value = "1000")))]
         limit: Query<Option<i64>>,
         /// Items to skip.
+        #[oai(validator(minimum(value = "0")))]
         offset: Query<Option<i64>>,
     ) -> ApiResult<Json<Page<CommandDto>>> {
         let window = page_request(limit.0, offset.0)?;
@@ -279,8 +305,10 @@ impl CommandsApi {
         status: Query<Option<CommandStatus>>,
         command_type: Query<Option<String>>,
         /// Items per page (1-1000, default 50).
+        #[oai(validator(minimum(value = "1"), maximum(value = "1000")))]
         limit: Query<Option<i64>>,
         /// Items to skip.
+        #[oai(validator(minimum(value = "0")))]
         offset: Query<Option<i64>>,
     ) -> ApiResult<Json<Page<CommandDto>>> {
         let window = page_request(limit.0, offset.0)?;
@@ -343,7 +371,7 @@ impl CommandsApi {
             command_type: body.command_type,
             payload: body.payload.map(|a| a.0),
             priority: body.priority,
-            description: body.description,
+            description: body.description.unwrap_or_default(),
             expires_in: lifetime(body.expires_in, None)?,
             created_by: Some(who.username().to_owned()),
         };

@@ -5,9 +5,10 @@
 use poem::Request;
 use poem_openapi::{
     payload::Json,
-    types::{ParseFromJSON, ToJSON},
+    types::{ParseError, ParseFromJSON, ParseResult, ToJSON},
     ApiResponse, Object,
 };
+use serde_json::Value;
 
 use crate::{
     domain::queries::{self, PageRequest},
@@ -47,6 +48,9 @@ pub enum ApiError {
     /// The request body is larger than the server accepts.
     #[oai(status = 413)]
     PayloadTooLarge(Json<ErrorBody>),
+    /// The request body is not JSON (`Content-Type` must be `application/json`).
+    #[oai(status = 415)]
+    UnsupportedMediaType(Json<ErrorBody>),
     /// The body parsed but breaks a rule.
     #[oai(status = 422)]
     Unprocessable(Json<ErrorBody>),
@@ -78,6 +82,7 @@ impl From<Error> for ApiError {
             404 => ApiError::NotFound(body),
             409 => ApiError::Conflict(body),
             413 => ApiError::PayloadTooLarge(body),
+            415 => ApiError::UnsupportedMediaType(body),
             422 => ApiError::Unprocessable(body),
             429 => ApiError::TooManyRequests(
                 body,
@@ -94,14 +99,34 @@ impl From<Error> for ApiError {
     }
 }
 
+/// A text field of a request body: a JSON string only (poem-openapi alone would also take
+/// `false` or `42` and store "false" or "42").
+pub fn text(value: Option<Value>) -> ParseResult<String> {
+    match value {
+        Some(Value::String(s)) => Ok(s),
+        other => Err(ParseError::expected_type(other.unwrap_or_default())),
+    }
+}
+
+/// An optional text field of a request body: a JSON string, `null` or absent.
+pub fn optional_text(value: Option<Value>) -> ParseResult<Option<String>> {
+    match value {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(other) => Err(ParseError::expected_type(other)),
+    }
+}
+
 /// One page of a list, in the shape DRF clients know.
 #[derive(Debug, Clone, Object)]
 pub struct Page<T: ParseFromJSON + ToJSON> {
     /// Items in the whole list.
     pub count: u64,
     /// The next page (path and query), or null on the last page.
+    #[oai(nullable)]
     pub next: Option<String>,
     /// The previous page, or null on the first page.
+    #[oai(nullable)]
     pub previous: Option<String>,
     pub results: Vec<T>,
 }

@@ -12,7 +12,7 @@ use poem_openapi::{
 };
 
 use super::{
-    common::{page_request, ApiResult, Deleted, Page},
+    common::{optional_text, page_request, ApiResult, Deleted, Page},
     StaffAuth, Tag,
 };
 use crate::{
@@ -67,7 +67,9 @@ pub struct BoundMachine {
     pub id: i32,
     pub name: String,
     pub machine_code: String,
+    #[oai(nullable)]
     pub outlet_id: Option<i32>,
+    #[oai(nullable)]
     pub outlet_name: Option<String>,
 }
 
@@ -79,15 +81,21 @@ pub struct DeviceDto {
     pub firmware: String,
     pub assigned: bool,
     pub notes: String,
+    #[oai(nullable)]
     pub last_seen: Option<DateTime<Utc>>,
+    #[oai(nullable)]
     pub last_poll: Option<DateTime<Utc>>,
     pub mqtt_connected: bool,
     pub wifi_connected: bool,
+    #[oai(nullable)]
     pub rtc_available: Option<bool>,
+    #[oai(nullable)]
     pub sd_card_available: Option<bool>,
+    #[oai(nullable)]
     pub uptime_seconds: Option<i64>,
     /// The device's own treatment counters.
     pub counts: Counts,
+    #[oai(nullable)]
     pub bound_machine: Option<BoundMachine>,
     pub created_at: DateTime<Utc>,
 }
@@ -154,6 +162,8 @@ pub struct DevicesData {
 #[derive(Debug, Object)]
 pub struct DevicePatchBody {
     /// Free text for staff.
+    #[oai(nullable)]
+    #[oai(deserialize_with = "optional_text")]
     pub notes: Option<String>,
 }
 
@@ -200,8 +210,10 @@ impl DevicesApi {
         /// Only devices in this state.
         status: Query<Option<DeviceState>>,
         /// Items per page (1-1000, default 50).
+        #[oai(validator(minimum(value = "1"), maximum(value = "1000")))]
         limit: Query<Option<i64>>,
         /// Items to skip.
+        #[oai(validator(minimum(value = "0")))]
         offset: Query<Option<i64>>,
     ) -> ApiResult<Json<Page<DeviceDto>>> {
         let filter = DeviceFilter {
@@ -223,8 +235,10 @@ impl DevicesApi {
         _auth: StaffAuth,
         state: Data<&Arc<AppState>>,
         /// Items per page (1-1000, default 50).
+        #[oai(validator(minimum(value = "1"), maximum(value = "1000")))]
         limit: Query<Option<i64>>,
         /// Items to skip.
+        #[oai(validator(minimum(value = "0")))]
         offset: Query<Option<i64>>,
     ) -> ApiResult<Json<Page<DeviceDto>>> {
         Self::listing(req, &state, DeviceFilter::default(), limit.0, offset.0).await
@@ -244,8 +258,10 @@ impl DevicesApi {
         _auth: StaffAuth,
         state: Data<&Arc<AppState>>,
         /// Items per page (1-1000, default 50).
+        #[oai(validator(minimum(value = "1"), maximum(value = "1000")))]
         limit: Query<Option<i64>>,
         /// Items to skip.
+        #[oai(validator(minimum(value = "0")))]
         offset: Query<Option<i64>>,
     ) -> ApiResult<Json<Page<DeviceDto>>> {
         let filter = DeviceFilter {
@@ -270,8 +286,10 @@ impl DevicesApi {
         _auth: StaffAuth,
         state: Data<&Arc<AppState>>,
         /// Items per page (1-1000, default 50).
+        #[oai(validator(minimum(value = "1"), maximum(value = "1000")))]
         limit: Query<Option<i64>>,
         /// Items to skip.
+        #[oai(validator(minimum(value = "0")))]
         offset: Query<Option<i64>>,
     ) -> ApiResult<Json<DevicesData>> {
         let window = page_request(limit.0, offset.0)?;

@@ -27,21 +27,32 @@ pub struct EventDto {
     /// `treatment`, `status` or `reset`.
     pub event: String,
     /// `BASIC`, `STANDARD` or `PREMIUM`.
+    #[oai(nullable)]
     pub treatment: Option<String>,
+    #[oai(nullable)]
     pub counter: Option<i64>,
     /// Legacy `/api/iot/` fields.
+    #[oai(nullable)]
     pub event_type: Option<String>,
+    #[oai(nullable)]
     pub count_basic: Option<i64>,
+    #[oai(nullable)]
     pub count_standard: Option<i64>,
+    #[oai(nullable)]
     pub count_premium: Option<i64>,
     pub occurred_at: DateTime<Utc>,
     /// The device's own time, as it sent it.
+    #[oai(nullable)]
     pub device_timestamp: Option<String>,
     pub received_at: DateTime<Utc>,
+    #[oai(nullable)]
     pub wifi_status: Option<bool>,
     /// The machine and outlet the event was attributed to when it happened.
+    #[oai(nullable)]
     pub machine_id: Option<i32>,
+    #[oai(nullable)]
     pub outlet_id: Option<i32>,
+    #[oai(nullable)]
     pub payload: Option<Any<Value>>,
 }
 
@@ -74,7 +85,9 @@ impl From<EventView> for EventDto {
 pub struct TelemetrySummary {
     pub device: DeviceDto,
     /// The last treatment the device counted (`BASIC`, `STANDARD`, `PREMIUM`).
+    #[oai(nullable)]
     pub mode: Option<String>,
+    #[oai(nullable)]
     pub latest_event: Option<EventDto>,
 }
 
@@ -82,6 +95,7 @@ pub struct TelemetrySummary {
 pub struct LatestEvent {
     pub device_id: String,
     /// Null when the device sent nothing yet.
+    #[oai(nullable)]
     pub event: Option<EventDto>,
 }
 
@@ -103,6 +117,7 @@ impl EventsApi {
         machine_id: Query<Option<i32>>,
         outlet_id: Query<Option<i32>>,
         /// Days to look back (1-3650, default 7); ignored when `start` is given.
+        #[oai(validator(minimum(value = "1"), maximum(value = "3650")))]
         days: Query<Option<i64>>,
         start: Query<Option<DateTime<Utc>>>,
         end: Query<Option<DateTime<Utc>>>,
@@ -111,8 +126,10 @@ impl EventsApi {
         /// Leave out `status` (heartbeat) events.
         exclude_status: Query<Option<bool>>,
         /// Items per page (1-1000, default 50).
+        #[oai(validator(minimum(value = "1"), maximum(value = "1000")))]
         limit: Query<Option<i64>>,
         /// Items to skip.
+        #[oai(validator(minimum(value = "0")))]
         offset: Query<Option<i64>>,
     ) -> ApiResult<Json<Page<EventDto>>> {
         let window = page_request(limit.0, offset.0)?;

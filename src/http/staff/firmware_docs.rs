@@ -25,6 +25,7 @@ pub struct DeviceToken(poem_openapi::auth::Bearer);
 pub struct HandshakeBody {
     /// The device's MAC in any common spelling.
     pub mac: String,
+    #[oai(nullable)]
     pub firmware: Option<String>,
 }
 
@@ -53,17 +54,22 @@ pub struct CurrentCounters {
 #[derive(Debug, Object)]
 pub struct DeviceEventBody {
     pub device_id: String,
+    #[oai(nullable)]
     pub firmware: Option<String>,
     /// Unique per device; a resend with the same id is acknowledged and stored once.
     pub event_id: String,
     /// `treatment`, `status` or `reset`.
     pub event: String,
     /// `BASIC`, `STANDARD` or `PREMIUM` (treatments).
+    #[oai(nullable)]
     pub treatment: Option<String>,
+    #[oai(nullable)]
     pub counter: Option<i64>,
     /// ISO 8601 or epoch seconds/milliseconds; implausible times fall back to receive time.
+    #[oai(nullable)]
     pub ts: Option<Any<serde_json::Value>>,
     /// The device's own counters: when present they are its truth.
+    #[oai(nullable)]
     pub current_counters: Option<CurrentCounters>,
 }
 
@@ -79,10 +85,12 @@ pub struct WireCommand {
     pub id: i32,
     pub command_id: String,
     pub command_type: String,
+    #[oai(nullable)]
     pub payload: Option<Any<serde_json::Value>>,
     pub priority: i32,
     pub description: String,
     pub created_at: DateTime<Utc>,
+    #[oai(nullable)]
     pub expires_at: Option<DateTime<Utc>>,
 }
 
@@ -95,8 +103,11 @@ pub struct PollReply {
 #[derive(Debug, Object)]
 pub struct CommandResultBody {
     pub success: bool,
+    #[oai(nullable)]
     pub message: Option<String>,
+    #[oai(nullable)]
     pub response_data: Option<Any<serde_json::Value>>,
+    #[oai(nullable)]
     pub current_counters: Option<CurrentCounters>,
 }
 
@@ -114,15 +125,24 @@ pub struct LegacyIotForm {
     /// `BASIC`, `STANDARD`, `PREMIUM` or `status`.
     pub mode: String,
     pub macaddr: String,
+    #[oai(nullable)]
     pub type1: Option<String>,
+    #[oai(nullable)]
     pub type2: Option<String>,
+    #[oai(nullable)]
     pub type3: Option<String>,
+    #[oai(nullable)]
     pub count1: Option<String>,
+    #[oai(nullable)]
     pub count2: Option<String>,
+    #[oai(nullable)]
     pub count3: Option<String>,
     /// e.g. `2024-01-15 14:30:25`.
+    #[oai(nullable)]
     pub timestamp: Option<String>,
+    #[oai(nullable)]
     pub rtc_available: Option<String>,
+    #[oai(nullable)]
     pub sd_available: Option<String>,
 }
 

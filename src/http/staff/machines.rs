@@ -13,7 +13,7 @@ use poem_openapi::{
 };
 
 use super::{
-    common::{page_request, ApiResult, Deleted, Page},
+    common::{optional_text, page_request, text, ApiResult, Deleted, Page},
     devices::{Counts, DeviceDto, DeviceState},
     StaffAuth, Tag,
 };
@@ -31,15 +31,19 @@ pub struct MachineDto {
     pub machine_code: String,
     pub name: String,
     /// The outlet's id (the seed's field name).
+    #[oai(nullable)]
     pub outlet: Option<i32>,
+    #[oai(nullable)]
     pub outlet_name: Option<String>,
     pub is_active: bool,
     /// The current device's id.
+    #[oai(nullable)]
     pub device_id: Option<String>,
     /// The current device's status; `offline` without a device.
     pub status: DeviceState,
     /// The current device's own counters (zero without a device).
     pub current_counts: Counts,
+    #[oai(nullable)]
     pub device: Option<DeviceDto>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
@@ -76,11 +80,16 @@ impl From<MachineView> for MachineDto {
 #[derive(Debug, Object)]
 pub struct MachineBody {
     /// The outlet's id, or null.
+    #[oai(nullable)]
     pub outlet: Option<i32>,
+    #[oai(deserialize_with = "text")]
     pub name: String,
     #[oai(default = "yes")]
+    #[oai(nullable)]
     pub is_active: bool,
     /// e.g. `CH1/027/2024`; generated when absent.
+    #[oai(nullable)]
+    #[oai(deserialize_with = "optional_text")]
     pub machine_code: Option<String>,
 }
 
@@ -92,25 +101,36 @@ fn yes() -> bool {
 /// its outlet.
 #[derive(Debug, Object)]
 pub struct MachinePatchBody {
+    #[oai(nullable)]
     pub outlet: MaybeUndefined<i32>,
+    #[oai(nullable)]
+    #[oai(deserialize_with = "optional_text")]
     pub name: Option<String>,
+    #[oai(nullable)]
     pub is_active: Option<bool>,
+    #[oai(nullable)]
+    #[oai(deserialize_with = "optional_text")]
     pub machine_code: Option<String>,
 }
 
 #[derive(Debug, Object)]
 pub struct RegisterMachineBody {
+    #[oai(deserialize_with = "text")]
     pub device_id: String,
+    #[oai(nullable)]
     pub outlet_id: Option<i32>,
+    #[oai(deserialize_with = "text")]
     pub name: String,
 }
 
 #[derive(Debug, Object)]
 pub struct AssignBody {
+    #[oai(deserialize_with = "text")]
     pub device_id: String,
     /// Take the device from the machine it is bound to (and replace this machine's device)
     /// instead of answering 409.
     #[oai(rename = "move", default)]
+    #[oai(nullable)]
     pub move_device: bool,
 }
 
@@ -120,6 +140,7 @@ pub struct BindingDto {
     pub device_id: String,
     pub assigned_at: DateTime<Utc>,
     /// Null while the binding is open.
+    #[oai(nullable)]
     pub unassigned_at: Option<DateTime<Utc>>,
 }
 
@@ -148,8 +169,10 @@ impl MachinesApi {
         /// Only the machine carrying this device.
         device_id: Query<Option<String>>,
         /// Items per page (1-1000, default 50).
+        #[oai(validator(minimum(value = "1"), maximum(value = "1000")))]
         limit: Query<Option<i64>>,
         /// Items to skip.
+        #[oai(validator(minimum(value = "0")))]
         offset: Query<Option<i64>>,
     ) -> ApiResult<Json<Page<MachineDto>>> {
         let window = page_request(limit.0, offset.0)?;
@@ -230,8 +253,10 @@ impl MachinesApi {
         _auth: StaffAuth,
         state: Data<&Arc<AppState>>,
         /// Items per page (1-1000, default 50).
+        #[oai(validator(minimum(value = "1"), maximum(value = "1000")))]
         limit: Query<Option<i64>>,
         /// Items to skip.
+        #[oai(validator(minimum(value = "0")))]
         offset: Query<Option<i64>>,
     ) -> ApiResult<Json<Page<DeviceDto>>> {
         let window = page_request(limit.0, offset.0)?;
@@ -404,8 +429,10 @@ impl MachinesApi {
         state: Data<&Arc<AppState>>,
         id: Path<i32>,
         /// Items per page (1-1000, default 50).
+        #[oai(validator(minimum(value = "1"), maximum(value = "1000")))]
         limit: Query<Option<i64>>,
         /// Items to skip.
+        #[oai(validator(minimum(value = "0")))]
         offset: Query<Option<i64>>,
     ) -> ApiResult<Json<Page<BindingDto>>> {
         let window = page_request(limit.0, offset.0)?;

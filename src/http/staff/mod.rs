@@ -89,20 +89,98 @@ fn documented() -> OpenApiService<(StaffApi, firmware_docs::FirmwareApi), ()> {
     .description(DESCRIPTION)
 }
 
-/// The whole spec (staff API and firmware contract) as JSON: what `/openapi.json` serves,
-/// `ozone openapi` prints and `openapi/openapi.json` holds.
+/// The whole spec (staff API and firmware contract). The firmware contract and the staff API
+/// share a path (`/api/events`: devices POST, staff GET), and poem-openapi keeps only one
+/// operation list per path, so the staff operations are merged back in method by method.
+fn document() -> &'static serde_json::Value {
+    static DOC: std::sync::OnceLock<serde_json::Value> = std::sync::OnceLock::new();
+    DOC.get_or_init(|| {
+        let mut doc: serde_json::Value =
+            serde_json::from_str(&documented().spec()).expect("poem-openapi emits JSON");
+        let staff: serde_json::Value =
+            serde_json::from_str(&service().spec()).expect("poem-openapi emits JSON");
+        if let (Some(paths), Some(staff_paths)) =
+            (doc["paths"].as_object_mut(), staff["paths"].as_object())
+        {
+            for (path, operations) in staff_paths {
+                let merged = paths
+                    .entry(path.clone())
+                    .or_insert_with(|| serde_json::json!({}));
+                if let (Some(merged), Some(operations)) =
+                    (merged.as_object_mut(), operations.as_object())
+                {
+                    for (method, operation) in operations {
+                        merged
+                            .entry(method.clone())
+                            .or_insert_with(|| operation.clone());
+                    }
+                }
+            }
+        }
+        doc
+    })
+}
+
+/// The whole spec as JSON: what `/openapi.json` serves, `ozone openapi` prints and
+/// `openapi/openapi.json` holds.
 pub fn spec_json() -> String {
-    documented().spec()
+    serde_json::to_string_pretty(document()).expect("a JSON value serialises")
 }
 
 /// The same spec as YAML.
 pub fn spec_yaml() -> String {
-    documented().spec_yaml()
+    serde_yaml::to_string(document()).expect("a JSON value serialises as YAML")
+}
+
+/// The methods the spec gives a concrete path (`/api/devices/abc/`), as an `Allow` header
+/// value, or `None` for a path it does not describe. Literal segments win over parameters, so
+/// `/api/commands/bulk` is not taken for `/api/commands/{command_id}`.
+pub fn allowed_methods(path: &str) -> Option<String> {
+    static TABLE: std::sync::OnceLock<Vec<(Vec<String>, Vec<String>)>> = std::sync::OnceLock::new();
+    let table = TABLE.get_or_init(|| {
+        let Some(paths) = document()["paths"].as_object() else {
+            return Vec::new();
+        };
+        paths
+            .iter()
+            .map(|(template, ops)| {
+                let segments = template
+                    .trim_matches('/')
+                    .split('/')
+                    .map(str::to_owned)
+                    .collect();
+                let mut methods: Vec<String> = ops
+                    .as_object()
+                    .map(|o| o.keys().map(|m| m.to_uppercase()).collect())
+                    .unwrap_or_default();
+                if methods.iter().any(|m| m == "GET") {
+                    methods.push("HEAD".into());
+                }
+                (segments, methods)
+            })
+            .collect()
+    });
+    let wanted: Vec<&str> = path.trim_matches('/').split('/').collect();
+    table
+        .iter()
+        .filter(|(segments, _)| {
+            segments.len() == wanted.len()
+                && segments
+                    .iter()
+                    .zip(&wanted)
+                    .all(|(s, w)| s.starts_with('{') || s == w)
+        })
+        .max_by_key(|(segments, _)| segments.iter().filter(|s| !s.starts_with('{')).count())
+        .map(|(_, methods)| methods.join(", "))
 }
 
 /// Swagger UI that remembers the authorization across reloads.
 fn swagger_html() -> String {
-    documented().swagger_ui_html().replacen(
+    let documented = documented();
+    documented
+        .swagger_ui_html()
+        .replacen(&documented.spec(), &spec_json(), 1)
+        .replacen(
         "deepLinking: true,",
         "deepLinking: true,\n        persistAuthorization: true,\n        withCredentials: true,",
         1,

@@ -12,7 +12,7 @@ use poem_openapi::{
 };
 
 use super::{
-    common::{page_request, ApiResult, Deleted, Page},
+    common::{optional_text, page_request, text, ApiResult, Deleted, Page},
     StaffAuth, Tag,
 };
 use crate::{
@@ -29,8 +29,11 @@ pub struct OutletDto {
     pub address: String,
     pub contact_person: String,
     pub is_active: bool,
+    #[oai(nullable)]
     pub total_sva: Option<i32>,
+    #[oai(nullable)]
     pub average_intage_services: Option<f64>,
+    #[oai(nullable)]
     pub number_of_machines: Option<i32>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
@@ -57,17 +60,22 @@ impl From<outlet::Model> for OutletDto {
 /// An outlet's fields (create, and full update with PUT).
 #[derive(Debug, Object)]
 pub struct OutletBody {
+    #[oai(deserialize_with = "text")]
     pub name: String,
-    #[oai(default)]
-    pub region: String,
-    #[oai(default)]
-    pub address: String,
-    #[oai(default)]
-    pub contact_person: String,
+    #[oai(nullable, deserialize_with = "optional_text")]
+    pub region: Option<String>,
+    #[oai(nullable, deserialize_with = "optional_text")]
+    pub address: Option<String>,
+    #[oai(nullable, deserialize_with = "optional_text")]
+    pub contact_person: Option<String>,
     #[oai(default = "yes")]
+    #[oai(nullable)]
     pub is_active: bool,
+    #[oai(nullable)]
     pub total_sva: Option<i32>,
+    #[oai(nullable)]
     pub average_intage_services: Option<f64>,
+    #[oai(nullable)]
     pub number_of_machines: Option<i32>,
 }
 
@@ -79,9 +87,9 @@ impl From<OutletBody> for OutletFields {
     fn from(b: OutletBody) -> Self {
         OutletFields {
             name: b.name,
-            region: b.region,
-            address: b.address,
-            contact_person: b.contact_person,
+            region: b.region.unwrap_or_default(),
+            address: b.address.unwrap_or_default(),
+            contact_person: b.contact_person.unwrap_or_default(),
             is_active: b.is_active,
             total_sva: b.total_sva,
             average_intage_services: b.average_intage_services,
@@ -93,13 +101,25 @@ impl From<OutletBody> for OutletFields {
 /// A partial update: only the fields given change (`null` clears an owner metric).
 #[derive(Debug, Object)]
 pub struct OutletPatchBody {
+    #[oai(nullable)]
+    #[oai(deserialize_with = "optional_text")]
     pub name: Option<String>,
+    #[oai(nullable)]
+    #[oai(deserialize_with = "optional_text")]
     pub region: Option<String>,
+    #[oai(nullable)]
+    #[oai(deserialize_with = "optional_text")]
     pub address: Option<String>,
+    #[oai(nullable)]
+    #[oai(deserialize_with = "optional_text")]
     pub contact_person: Option<String>,
+    #[oai(nullable)]
     pub is_active: Option<bool>,
+    #[oai(nullable)]
     pub total_sva: MaybeUndefined<i32>,
+    #[oai(nullable)]
     pub average_intage_services: MaybeUndefined<f64>,
+    #[oai(nullable)]
     pub number_of_machines: MaybeUndefined<i32>,
 }
 
@@ -147,8 +167,10 @@ impl OutletsApi {
         /// Only active (true) or inactive (false) outlets.
         is_active: Query<Option<bool>>,
         /// Items per page (1-1000, default 50).
+        #[oai(validator(minimum(value = "1"), maximum(value = "1000")))]
         limit: Query<Option<i64>>,
         /// Items to skip.
+        #[oai(validator(minimum(value = "0")))]
         offset: Query<Option<i64>>,
     ) -> ApiResult<Json<Page<OutletDto>>> {
         let window = page_request(limit.0, offset.0)?;
