@@ -51,12 +51,13 @@ stop_all() {
     servers=()
 }
 
-assign_all() { # url
+assign_all() { # url [prefix [count]]
     "$ozone" --database-url "$1" migrate >/dev/null
-    for i in $(seq 0 $((devices - 1))); do
+    local pre=${2:-$prefix} count=${3:-$devices}
+    for i in $(seq 0 $((count - 1))); do
         "$ozone" --database-url "$1" device assign \
-            "$(printf "$prefix:%02X:%02X" $((i >> 8)) $((i & 255)))" \
-            --machine "M-$i" --outlet "Outlet $((i % 8))" >/dev/null
+            "$(printf "$pre:%02X:%02X" $((i >> 8)) $((i & 255)))" \
+            --machine "M-$pre-$i" --outlet "Outlet $((i % 8))" >/dev/null
     done
 }
 
@@ -73,17 +74,22 @@ print(f"{label:<34} {rps:>9.0f}/s  p50 {lat('p50'):7.2f}  p99 {lat('p99'):7.2f} 
 PY
 }
 
-measure() { # label url... (one server per url, the connections split between them)
+# One server per url; the connections and the devices are split between them, each device
+# talking to one replica as a deployed device does (replica k uses the MAC prefix
+# ${prefixes[k]}).
+prefixes=("$prefix" 02:42:45:4F)
+measure() { # label url...
     local label=$1
     shift
     local urls=("$@") n=$#
-    local per=$((connections / n)) p=$port
+    local per=$((connections / n)) share=$((devices / n)) p=$port
     for url in "${urls[@]}"; do start "$url" "$p"; p=$((p + 1)); done
     for kind in ingest poll; do
-        local outs=() pids=() p=$port
+        local outs=() pids=() p=$port k=0
         for _ in "${urls[@]}"; do
-            "$sim" "$kind" --url "http://127.0.0.1:$p" --connections "$per" --devices "$devices" \
-                --duration "$seconds" --warmup 2 --json --mac-prefix "$prefix" >"$work/out.$p" &
+            "$sim" "$kind" --url "http://127.0.0.1:$p" --connections "$per" --devices "$share" \
+                --duration "$seconds" --warmup 2 --json --mac-prefix "${prefixes[k]}" >"$work/out.$p" &
+            k=$((k + 1))
             pids+=($!)
             p=$((p + 1))
         done
@@ -104,6 +110,7 @@ if psql -q "$admin" -c "SELECT 1" >/dev/null 2>&1; then
     psql -q "$admin" -c "DROP DATABASE IF EXISTS $db" -c "CREATE DATABASE $db"
     pg="${admin%/*}/$db"
     assign_all "$pg"
+    assign_all "$pg" "${prefixes[1]}" $((devices / 2))
     measure "postgres, 1 replica" "$pg"
     measure "postgres, 2 replicas" "$pg" "$pg"
     psql -q "$admin" -c "DROP DATABASE $db"

@@ -152,6 +152,7 @@ impl Conn {
 
     /// Queues a QoS 1 publish.
     pub fn queue_publish(&mut self, topic: &str, payload: &[u8], pkid: u16) {
+        metrics::counter!("ozone_mqtt_messages_total", "direction" => "out").increment(1);
         let properties = usize::from(self.version == Version::V5);
         let remaining = 2 + topic.len() + 2 + properties + payload.len();
         let w = &mut self.write;

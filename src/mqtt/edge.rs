@@ -116,7 +116,11 @@ impl Sessions {
             acks: AtomicBool::new(false),
             delivering: tokio::sync::Mutex::new(()),
         });
-        let previous = self.lock().insert(session.device.id, session.clone());
+        let (previous, connected) = {
+            let mut map = self.lock();
+            (map.insert(session.device.id, session.clone()), map.len())
+        };
+        metrics::gauge!("ozone_mqtt_clients_connected", "kind" => "device").set(connected as f64);
         if let Some(previous) = previous {
             let _ = previous.tx.try_send(Outbound::TakenOver);
         }
@@ -130,6 +134,8 @@ impl Sessions {
         match map.get(&session.device.id) {
             Some(current) if current.generation == session.generation => {
                 map.remove(&session.device.id);
+                metrics::gauge!("ozone_mqtt_clients_connected", "kind" => "device")
+                    .set(map.len() as f64);
                 true
             }
             _ => false,
@@ -612,6 +618,7 @@ fn device_packet(
     let device = &session.device;
     match packet {
         Packet::Publish(publish, _) => {
+            metrics::counter!("ozone_mqtt_messages_total", "direction" => "in").increment(1);
             let Ok(topic) = std::str::from_utf8(&publish.topic) else {
                 return Ok(Some(End::Abnormal));
             };
@@ -753,9 +760,11 @@ async fn serve_staff(
     user: String,
     keep_alive: Duration,
 ) -> Result<(), ConnError> {
-    edge.staff_connections.fetch_add(1, Ordering::Relaxed);
+    let staff = edge.staff_connections.fetch_add(1, Ordering::Relaxed) + 1;
+    metrics::gauge!("ozone_mqtt_clients_connected", "kind" => "staff").set(staff as f64);
     let result = super::staff::serve(edge, conn, client_id, &user, keep_alive).await;
-    edge.staff_connections.fetch_sub(1, Ordering::Relaxed);
+    let staff = edge.staff_connections.fetch_sub(1, Ordering::Relaxed) - 1;
+    metrics::gauge!("ozone_mqtt_clients_connected", "kind" => "staff").set(staff as f64);
     result
 }
 

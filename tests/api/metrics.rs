@@ -71,7 +71,7 @@ fn parse(text: &str) -> HashMap<String, f64> {
     samples
 }
 
-async fn scrape(app: &TestApp) -> HashMap<String, f64> {
+pub async fn scrape(app: &TestApp) -> HashMap<String, f64> {
     let resp = app
         .http
         .get(app.url("/metrics"))
@@ -84,7 +84,7 @@ async fn scrape(app: &TestApp) -> HashMap<String, f64> {
     parse(&resp.text().await.expect("body"))
 }
 
-fn moved(before: &HashMap<String, f64>, after: &HashMap<String, f64>, series: &str) -> f64 {
+pub fn moved(before: &HashMap<String, f64>, after: &HashMap<String, f64>, series: &str) -> f64 {
     let now = *after.get(series).unwrap_or_else(|| {
         panic!(
             "no series {series} in {:?}",

@@ -1595,3 +1595,34 @@ async fn command_push_latency() {
         pct(100.0)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_mqtt_clients_and_messages() {
+    use crate::metrics::{moved, scrape};
+    let app = spawn_mqtt_app().await;
+    let device = app.handshake("AA:00:00:00:00:4D").await;
+    let before = scrape(&app).await;
+    let mut client = connect(&app, &device).await;
+    client.subscribe(&topic(&device, "events/ack")).await;
+    client
+        .publish(&topic(&device, "events"), event_body(&device, "ev-metrics"))
+        .await;
+    client.receive(&topic(&device, "events/ack")).await;
+    let after = scrape(&app).await;
+    // Other tests share the process-wide recorder: counters only grow, so check by how much.
+    assert!(
+        moved(
+            &before,
+            &after,
+            "ozone_mqtt_messages_total{direction=\"in\"}"
+        ) >= 1.0
+    );
+    assert!(
+        moved(
+            &before,
+            &after,
+            "ozone_mqtt_messages_total{direction=\"out\"}"
+        ) >= 1.0
+    );
+    assert!(after.contains_key("ozone_mqtt_clients_connected{kind=\"device\"}"));
+}
