@@ -205,11 +205,7 @@ pub async fn check_password(db: &Db, username: &str, password: &str) -> Result<u
         .as_ref()
         .map(|u| u.password_hash.clone())
         .unwrap_or_else(|| dummy_hash().to_owned());
-    let password = password.to_owned();
-    // argon2 takes tens of milliseconds of CPU: keep it off the async workers.
-    let verified = tokio::task::spawn_blocking(move || users::verify_password(&password, &hash))
-        .await
-        .map_err(|e| Error::Internal(format!("password check failed: {e}")))?;
+    let verified = users::verify_off_thread(password, hash).await?;
     let Some(user) = found.filter(|_| verified) else {
         return Err(bad_credentials());
     };

@@ -84,6 +84,14 @@ async fn hash_off_thread(password: String) -> Result<String> {
         .map_err(|e| Error::Internal(format!("password hashing failed: {e}")))?
 }
 
+/// Checks a password against its hash off the async workers.
+pub async fn verify_off_thread(password: &str, hash: String) -> Result<bool> {
+    let password = password.to_owned();
+    tokio::task::spawn_blocking(move || verify_password(&password, &hash))
+        .await
+        .map_err(|e| Error::Internal(format!("password check failed: {e}")))
+}
+
 pub async fn create(db: &Db, new: NewUser) -> Result<user::Model> {
     let username = validate_username(&new.username)?;
     check_password(&new.password)?;
@@ -217,12 +225,7 @@ pub async fn change_own_password(
     keep_session: Option<&str>,
 ) -> Result<()> {
     check_password(&new_password)?;
-    let hash = user.password_hash.clone();
-    let current_password = current_password.to_owned();
-    let verified = tokio::task::spawn_blocking(move || verify_password(&current_password, &hash))
-        .await
-        .map_err(|e| Error::Internal(format!("password check failed: {e}")))?;
-    if !verified {
+    if !verify_off_thread(current_password, user.password_hash.clone()).await? {
         return Err(Error::invalid(
             "wrong_password",
             "the current password is not correct",
