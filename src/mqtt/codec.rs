@@ -2,11 +2,11 @@
 //! and writing packets on a connection, and the QoS 1 publishes the edge sends itself (the
 //! codec's `Publish` cannot be built with QoS 1 outside rumqttd).
 
-use std::time::Duration;
+use std::{cell::RefCell, future::Future, pin::Pin, task::Poll, time::Duration};
 
 use bytes::{BufMut, BytesMut};
 use rumqttd::protocol::{self, v4::V4, v5::V5, Packet, Protocol};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 /// Any byte stream a client connects over (plain TCP or TLS).
 pub trait Stream: AsyncRead + AsyncWrite + Send + Unpin {}
@@ -34,8 +34,19 @@ pub enum ConnError {
     Level(u8),
 }
 
+/// Bytes read from a socket in one call at most.
+const SCRATCH_BYTES: usize = 16 * 1024;
+
+thread_local! {
+    /// Where every connection served by this thread reads into; what a read brings is then
+    /// appended to the connection's own buffer. A connection waiting for bytes (an idle
+    /// device, most of the time) so holds no read buffer at all.
+    static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0; SCRATCH_BYTES].into_boxed_slice());
+}
+
 pub struct Conn {
     stream: Box<dyn Stream>,
+    /// Bytes read and not decoded yet; empty (no allocation) between packets.
     read: BytesMut,
     write: BytesMut,
     pub version: Version,
@@ -71,18 +82,31 @@ impl Conn {
     pub fn new(stream: Box<dyn Stream>, max_packet: usize) -> Conn {
         Conn {
             stream,
-            read: BytesMut::with_capacity(256),
+            read: BytesMut::new(),
             write: BytesMut::new(),
             version: Version::V4,
             max_packet,
         }
     }
 
+    /// Waits for bytes and appends them to the read buffer. Cancel-safe: a read either
+    /// completed within one poll or did not happen.
     async fn fill(&mut self) -> Result<(), ConnError> {
-        if self.read.capacity() - self.read.len() < 512 {
-            self.read.reserve(4096);
-        }
-        match self.stream.read_buf(&mut self.read).await? {
+        let read = std::future::poll_fn(|cx| {
+            SCRATCH.with_borrow_mut(|scratch| {
+                let mut buf = ReadBuf::new(scratch);
+                match Pin::new(&mut self.stream).poll_read(cx, &mut buf) {
+                    Poll::Ready(Ok(())) => {
+                        self.read.extend_from_slice(buf.filled());
+                        Poll::Ready(Ok(buf.filled().len()))
+                    }
+                    Poll::Ready(Err(err)) => Poll::Ready(Err(err)),
+                    Poll::Pending => Poll::Pending,
+                }
+            })
+        })
+        .await?;
+        match read {
             0 => Err(ConnError::Closed),
             _ => Ok(()),
         }
@@ -135,6 +159,18 @@ impl Conn {
                 .await
                 .map_err(|_| ConnError::Timeout)??;
         }
+    }
+
+    /// Waits for more bytes, at most `idle` (keep-alive).
+    pub async fn fill_within(&mut self, idle: Duration) -> Result<(), ConnError> {
+        tokio::time::timeout(idle, self.fill())
+            .await
+            .map_err(|_| ConnError::Timeout)?
+    }
+
+    /// Whether the next buffered packet (complete or not) is a PUBLISH.
+    pub fn publish_buffered(&self) -> bool {
+        self.read.first().is_some_and(|b| b >> 4 == 3)
     }
 
     /// A packet decoded from what is already buffered, without waiting.
@@ -195,19 +231,28 @@ impl Conn {
         Ok(())
     }
 
-    pub async fn send(&mut self, packet: Packet) -> Result<(), ConnError> {
-        self.queue(packet)?;
-        self.flush().await
-    }
-
-    /// Gives back buffer memory an idle connection does not need.
-    pub fn shrink(&mut self) {
-        if self.read.is_empty() && self.read.capacity() > 4096 {
-            self.read = BytesMut::with_capacity(256);
+    /// Queues the packet at once and writes it out when awaited (the future does not hold
+    /// the packet: connection futures stay small).
+    pub fn send(&mut self, packet: Packet) -> impl Future<Output = Result<(), ConnError>> + '_ {
+        let queued = self.queue(packet);
+        async move {
+            queued?;
+            self.flush().await
         }
     }
 
-    pub async fn shutdown(mut self) {
+    /// Gives back the buffers once everything read is decoded and everything queued is
+    /// written, so that a connection between packets holds no buffer memory.
+    pub fn shrink(&mut self) {
+        if self.read.is_empty() && self.read.capacity() > 0 {
+            self.read = BytesMut::new();
+        }
+        if self.write.is_empty() && self.write.capacity() > 0 {
+            self.write = BytesMut::new();
+        }
+    }
+
+    pub async fn shutdown(&mut self) {
         let _ = self.flush().await;
         let _ = self.stream.shutdown().await;
     }

@@ -31,7 +31,7 @@ use rumqttd::{
 };
 use tokio::{
     net::TcpListener,
-    sync::{mpsc, watch, Semaphore},
+    sync::{mpsc, watch, Notify, Semaphore},
 };
 
 use super::{
@@ -42,22 +42,26 @@ use super::{
 };
 use crate::{domain::devices::AuthenticatedDevice, error::Error, state::AppState, tls::TlsFiles};
 
-/// Something the bridge hands to a device's connection.
-#[derive(Debug)]
-pub enum Outbound {
-    Publish {
-        filter: DeviceFilter,
-        payload: Bytes,
-    },
+/// What the bridge hands to a device's connection, waiting for it to be written. Empty (no
+/// allocation) while nothing waits, which is nearly always: an idle device costs little.
+#[derive(Default)]
+struct Outbox {
+    messages: VecDeque<(DeviceFilter, Bytes)>,
     /// Another connection took over this device's client id.
-    TakenOver,
+    taken_over: bool,
+    /// The connection has ended: nothing more is accepted.
+    closed: bool,
 }
 
 /// One connected device, as the bridge sees it.
 pub struct Session {
     pub device: AuthenticatedDevice,
     generation: u64,
-    tx: mpsc::Sender<Outbound>,
+    outbox: Mutex<Outbox>,
+    /// Messages the outbox holds at most.
+    limit: usize,
+    /// Wakes the connection when the outbox changes.
+    ready: Notify,
     pub commands: AtomicBool,
     pub acks: AtomicBool,
     /// Serialises command deliveries to this device.
@@ -71,11 +75,38 @@ impl Session {
             DeviceFilter::Commands => &self.commands,
             DeviceFilter::EventAcks => &self.acks,
         };
-        subscribed.load(Ordering::Acquire)
-            && self
-                .tx
-                .try_send(Outbound::Publish { filter, payload })
-                .is_ok()
+        if !subscribed.load(Ordering::Acquire) {
+            return false;
+        }
+        {
+            let mut outbox = self.outbox();
+            if outbox.closed || outbox.messages.len() >= self.limit {
+                return false;
+            }
+            outbox.messages.push_back((filter, payload));
+        }
+        self.ready.notify_one();
+        true
+    }
+
+    fn outbox(&self) -> std::sync::MutexGuard<'_, Outbox> {
+        self.outbox.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn take_over(&self) {
+        self.outbox().taken_over = true;
+        self.ready.notify_one();
+    }
+
+    /// Moves what waits into `into`; true when the connection has been taken over.
+    fn drain(&self, into: &mut VecDeque<(DeviceFilter, Bytes)>) -> bool {
+        let mut outbox = self.outbox();
+        if into.is_empty() {
+            *into = std::mem::take(&mut outbox.messages);
+        } else {
+            into.append(&mut outbox.messages);
+        }
+        outbox.taken_over
     }
 }
 
@@ -107,11 +138,13 @@ impl Sessions {
         self.map.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn open(&self, device: AuthenticatedDevice, tx: mpsc::Sender<Outbound>) -> Arc<Session> {
+    fn open(&self, device: AuthenticatedDevice, limit: usize) -> Arc<Session> {
         let session = Arc::new(Session {
             generation: self.generation.fetch_add(1, Ordering::Relaxed),
             device,
-            tx,
+            outbox: Mutex::default(),
+            limit,
+            ready: Notify::new(),
             commands: AtomicBool::new(false),
             acks: AtomicBool::new(false),
             delivering: tokio::sync::Mutex::new(()),
@@ -122,7 +155,7 @@ impl Sessions {
         };
         metrics::gauge!("ozone_mqtt_clients_connected", "kind" => "device").set(connected as f64);
         if let Some(previous) = previous {
-            let _ = previous.tx.try_send(Outbound::TakenOver);
+            previous.take_over();
         }
         session
     }
@@ -130,6 +163,7 @@ impl Sessions {
     /// Forgets the session unless a newer connection of the device replaced it; true when it
     /// was the device's current one.
     fn close(&self, session: &Session) -> bool {
+        session.outbox().closed = true;
         let mut map = self.lock();
         match map.get(&session.device.id) {
             Some(current) if current.generation == session.generation => {
@@ -260,7 +294,7 @@ pub async fn accept_loop(edge: Arc<Edge>, listener: TcpListener, tls: Option<Tls
 /// Who a CONNECT proved to be.
 enum Peer {
     Device(AuthenticatedDevice),
-    Staff(String),
+    Staff { user: String, client_id: String },
 }
 
 /// A CONNACK refusing the connection, in the codes the client's protocol version has: MQTT
@@ -290,32 +324,77 @@ fn refusal(version: Version, code: ConnectReturnCode) -> Packet {
     )
 }
 
+/// A client past its CONNECT: who it proved to be, and what serving it needs.
+struct Accepted {
+    conn: Conn,
+    who: Peer,
+    will: Option<LastWill>,
+    keep_alive: Duration,
+    /// A place under `max_connections`, held until the connection ends.
+    permit: tokio::sync::OwnedSemaphorePermit,
+}
+
 /// Serves one client connection from CONNECT to close.
 pub async fn serve(edge: Arc<Edge>, stream: Box<dyn Stream>, peer: SocketAddr) {
     edge.open.fetch_add(1, Ordering::Relaxed);
-    let mut conn = Conn::new(stream, edge.settings.max_packet_bytes());
-    let connect = conn
-        .read_connect(Duration::from_millis(edge.settings.connect_timeout_ms))
-        .await;
-    let result = match connect {
-        Ok(Packet::Connect(connect, _props, will, _will_props, login)) => {
-            handle_connect(&edge, conn, connect, will, login, peer).await
+    // The handshake runs boxed and is freed when done: for as long as the client stays
+    // connected (devices mostly stay, idle), its task holds only what serving it needs.
+    let result = match Box::pin(accept(&edge, stream, peer)).await {
+        Ok(Some(Accepted {
+            conn,
+            who,
+            will,
+            keep_alive,
+            permit,
+        })) => {
+            let result = match who {
+                Peer::Device(device) => {
+                    let mut device = DeviceConn::open(&edge, conn, device, will, keep_alive);
+                    device.run(&edge).await;
+                    Ok(())
+                }
+                Peer::Staff { user, client_id } => {
+                    Box::pin(serve_staff(&edge, conn, &client_id, user, keep_alive)).await
+                }
+            };
+            drop(permit);
+            result
         }
-        Ok(_) => Ok(()),
-        Err(ConnError::Level(level)) => {
-            // MQTT 3.1 and older: "unacceptable protocol version", in the 3.1.1 framing.
-            let mut ack = bytes::BytesMut::new();
-            ack.extend_from_slice(&[0x20, 0x02, 0x00, 0x01]);
-            tracing::debug!(%peer, level, "MQTT protocol level refused");
-            let _ = conn.send_raw(&ack).await;
-            Ok(())
-        }
+        Ok(None) => Ok(()),
         Err(err) => Err(err),
     };
     if let Err(err) = result {
         tracing::debug!(%peer, error = %err, "MQTT connection ended");
     }
     edge.open.fetch_sub(1, Ordering::Relaxed);
+}
+
+/// Reads the CONNECT and answers it: `None` when the client was refused (or spoke an
+/// unsupported protocol level).
+async fn accept(
+    edge: &Arc<Edge>,
+    stream: Box<dyn Stream>,
+    peer: SocketAddr,
+) -> Result<Option<Accepted>, ConnError> {
+    let mut conn = Conn::new(stream, edge.settings.max_packet_bytes());
+    let connect = conn
+        .read_connect(Duration::from_millis(edge.settings.connect_timeout_ms))
+        .await;
+    match connect {
+        Ok(Packet::Connect(connect, _props, will, _will_props, login)) => {
+            handle_connect(edge, conn, connect, will, login, peer).await
+        }
+        Ok(_) => Ok(None),
+        Err(ConnError::Level(level)) => {
+            // MQTT 3.1 and older: "unacceptable protocol version", in the 3.1.1 framing.
+            let mut ack = bytes::BytesMut::new();
+            ack.extend_from_slice(&[0x20, 0x02, 0x00, 0x01]);
+            tracing::debug!(%peer, level, "MQTT protocol level refused");
+            let _ = conn.send_raw(&ack).await;
+            Ok(None)
+        }
+        Err(err) => Err(err),
+    }
 }
 
 async fn handle_connect(
@@ -325,7 +404,7 @@ async fn handle_connect(
     will: Option<LastWill>,
     login: Option<Login>,
     peer: SocketAddr,
-) -> Result<(), ConnError> {
+) -> Result<Option<Accepted>, ConnError> {
     let Ok(permit) = edge.permits.clone().try_acquire_owned() else {
         tracing::warn!(%peer, "MQTT connection limit reached; refused");
         let code = match conn.version {
@@ -334,19 +413,17 @@ async fn handle_connect(
         };
         conn.send(refusal(conn.version, code)).await?;
         conn.shutdown().await;
-        return Ok(());
+        return Ok(None);
     };
-    let identified = identify(edge, &connect.client_id, login, peer).await;
-    let who = match identified {
+    let who = match identify(edge, &connect.client_id, login, peer).await {
         Ok(who) => who,
         Err(code) => {
             tracing::info!(%peer, client_id = %connect.client_id, ?code, "MQTT connection refused");
             conn.send(refusal(conn.version, code)).await?;
             conn.shutdown().await;
-            return Ok(());
+            return Ok(None);
         }
     };
-    let keep_alive = effective_keep_alive(&edge.settings, connect.keep_alive);
     conn.send(Packet::ConnAck(
         ConnAck {
             session_present: false,
@@ -355,12 +432,14 @@ async fn handle_connect(
         None,
     ))
     .await?;
-    let result = match who {
-        Peer::Device(device) => serve_device(edge, conn, device, will, keep_alive).await,
-        Peer::Staff(user) => serve_staff(edge, conn, &connect.client_id, user, keep_alive).await,
-    };
-    drop(permit);
-    result
+    conn.shrink();
+    Ok(Some(Accepted {
+        conn,
+        who,
+        will,
+        keep_alive: effective_keep_alive(&edge.settings, connect.keep_alive),
+        permit,
+    }))
 }
 
 /// Idle time after which a silent client is dropped: 1.5 × its keep-alive, bounded by the
@@ -405,7 +484,10 @@ async fn identify(
         Err(Error::InvalidToken | Error::MissingToken) => {
             super::staff::authenticate(edge, peer.ip(), &login.username, &login.password)
                 .await
-                .map(Peer::Staff)
+                .map(|user| Peer::Staff {
+                    user,
+                    client_id: client_id.to_owned(),
+                })
         }
         Err(err) => {
             tracing::warn!(error = %err, "MQTT authentication failed");
@@ -432,9 +514,21 @@ struct Outgoing {
     inflight: HashMap<u16, ()>,
     waiting: VecDeque<(DeviceFilter, Bytes)>,
     limit: usize,
+    /// The device's `commands` and `events/ack` topics, made when first needed.
+    topics: Option<(String, String)>,
 }
 
 impl Outgoing {
+    /// Gives back the memory of an empty window and queue.
+    fn shrink(&mut self) {
+        if self.inflight.is_empty() && self.inflight.capacity() > 0 {
+            self.inflight = HashMap::new();
+        }
+        if self.waiting.is_empty() && self.waiting.capacity() > 0 {
+            self.waiting = VecDeque::new();
+        }
+    }
+
     fn pkid(&mut self) -> u16 {
         loop {
             self.next_pkid = self.next_pkid.wrapping_add(1).max(1);
@@ -443,147 +537,180 @@ impl Outgoing {
             }
         }
     }
+
+    /// Writes waiting messages while the in-flight window has room.
+    fn release(&mut self, conn: &mut Conn, topics: &Topics, device_id: &str) {
+        while self.inflight.len() < self.limit {
+            let Some((filter, payload)) = self.waiting.pop_front() else {
+                break;
+            };
+            let pkid = self.pkid();
+            self.inflight.insert(pkid, ());
+            let (commands, acks) = self
+                .topics
+                .get_or_insert_with(|| (topics.commands(device_id), topics.event_acks(device_id)));
+            let topic = match filter {
+                DeviceFilter::Commands => commands,
+                DeviceFilter::EventAcks => acks,
+            };
+            conn.queue_publish(topic, &payload, pkid);
+        }
+    }
 }
 
-async fn serve_device(
-    edge: &Arc<Edge>,
-    mut conn: Conn,
-    device: AuthenticatedDevice,
+/// A device's connection from CONNACK to close: everything it holds between packets, kept
+/// once in the connection's task (a fleet mostly waits, so this is what ten thousand idle
+/// devices cost).
+struct DeviceConn {
+    conn: Conn,
+    session: Arc<Session>,
     will: Option<LastWill>,
     keep_alive: Duration,
-) -> Result<(), ConnError> {
-    let (tx, mut rx) = mpsc::channel(edge.settings.queue_per_client);
-    let session = edge.sessions.open(device.clone(), tx);
-    let _ = edge.presence.send((device.id, true));
-    tracing::debug!(device_id = %device.device_id, "device connected over MQTT");
-    let commands_topic = edge.topics.commands(&device.device_id);
-    let acks_topic = edge.topics.event_acks(&device.device_id);
-    let mut outgoing = Outgoing {
-        next_pkid: 0,
-        inflight: HashMap::new(),
-        waiting: VecDeque::new(),
-        limit: edge.settings.inflight_per_client,
-    };
-    let events_in_flight = Arc::new(Semaphore::new(EVENTS_IN_FLIGHT));
-    let mut stop = edge.stop.clone();
-    let end = loop {
-        tokio::select! {
-            read = conn.read_packet(keep_alive) => {
-                let mut next = match read {
-                    Ok(packet) => Some(packet),
-                    Err(err) => {
-                        tracing::debug!(device_id = %device.device_id, error = %err, "device connection lost");
-                        break End::Abnormal;
+    outgoing: Outgoing,
+    /// Events being stored hold a permit each: a device that publishes faster than they
+    /// commit stops being read (TCP back-pressure) instead of piling up work. Made at the
+    /// first event.
+    events_in_flight: Option<Arc<Semaphore>>,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl DeviceConn {
+    fn open(
+        edge: &Edge,
+        conn: Conn,
+        device: AuthenticatedDevice,
+        will: Option<LastWill>,
+        keep_alive: Duration,
+    ) -> DeviceConn {
+        let session = edge.sessions.open(device, edge.settings.queue_per_client);
+        let _ = edge.presence.send((session.device.id, true));
+        tracing::debug!(device_id = %session.device.device_id, "device connected over MQTT");
+        DeviceConn {
+            conn,
+            session,
+            will,
+            keep_alive,
+            outgoing: Outgoing {
+                next_pkid: 0,
+                inflight: HashMap::new(),
+                waiting: VecDeque::new(),
+                limit: edge.settings.inflight_per_client,
+                topics: None,
+            },
+            events_in_flight: None,
+            permit: None,
+        }
+    }
+
+    /// Serves the device until its connection ends.
+    async fn run(&mut self, edge: &Arc<Edge>) {
+        let end = self.serve(edge).await;
+        self.permit = None;
+        let device = &self.session.device;
+        let current = edge.sessions.close(&self.session);
+        if matches!(end, End::Abnormal) {
+            if let Some(will) = self.will.take() {
+                publish_will(edge, device, will);
+            }
+        }
+        if matches!(end, End::TakenOver) || matches!(end, End::Shutdown) {
+            let _ = self
+                .conn
+                .send(Packet::Disconnect(
+                    Disconnect {
+                        reason_code: match end {
+                            End::Shutdown => DisconnectReasonCode::ServerShuttingDown,
+                            _ => DisconnectReasonCode::SessionTakenOver,
+                        },
+                    },
+                    None,
+                ))
+                .await;
+        }
+        if current && !matches!(end, End::Shutdown) {
+            let _ = edge.presence.send((device.id, false));
+        }
+        tracing::debug!(device_id = %device.device_id, "device disconnected from MQTT");
+        self.conn.shutdown().await;
+    }
+
+    async fn serve(&mut self, edge: &Arc<Edge>) -> End {
+        let mut stop = edge.stop.clone();
+        loop {
+            tokio::select! {
+                read = self.conn.fill_within(self.keep_alive) => {
+                    if let Err(err) = read {
+                        tracing::debug!(device_id = %self.session.device.device_id, error = %err, "device connection lost");
+                        return End::Abnormal;
+                    }
+                    let outcome = self.handle_buffered(edge).await;
+                    self.outgoing.release(&mut self.conn, &edge.topics, &self.session.device.device_id);
+                    if self.conn.flush().await.is_err() {
+                        return End::Abnormal;
+                    }
+                    if let Some(end) = outcome {
+                        return end;
+                    }
+                }
+                _ = self.session.ready.notified() => {
+                    if self.session.drain(&mut self.outgoing.waiting) {
+                        return End::TakenOver;
+                    }
+                    self.outgoing.release(&mut self.conn, &edge.topics, &self.session.device.device_id);
+                    if self.conn.flush().await.is_err() {
+                        return End::Abnormal;
+                    }
+                }
+                _ = stop.changed() => return End::Shutdown,
+            }
+            self.conn.shrink();
+            self.outgoing.shrink();
+        }
+    }
+
+    /// Handles every packet buffered, before the replies are written at once; `Some(end)`
+    /// closes the connection. No packet is held across an await, so the future stays small.
+    async fn handle_buffered(&mut self, edge: &Arc<Edge>) -> Option<End> {
+        loop {
+            if self.permit.is_none() && self.conn.publish_buffered() {
+                let events = self
+                    .events_in_flight
+                    .get_or_insert_with(|| Arc::new(Semaphore::new(EVENTS_IN_FLIGHT)))
+                    .clone();
+                self.permit = match events.clone().try_acquire_owned() {
+                    Ok(p) => Some(p),
+                    Err(_) => {
+                        let _ = self.conn.flush().await;
+                        events.acquire_owned().await.ok()
                     }
                 };
-                let mut outcome = None;
-                // Handle everything already buffered before writing the replies at once.
-                while let Some(packet) = next.take() {
-                    // Events being stored hold a permit each: a device that publishes faster
-                    // than they commit stops being read (TCP back-pressure) instead of piling
-                    // up work.
-                    let permit = match &packet {
-                        Packet::Publish(..) => match events_in_flight.clone().try_acquire_owned() {
-                            Ok(p) => Some(p),
-                            Err(_) => {
-                                let _ = conn.flush().await;
-                                events_in_flight.clone().acquire_owned().await.ok()
-                            }
-                        },
-                        _ => None,
-                    };
-                    match device_packet(edge, &session, &mut conn, &mut outgoing, packet, permit) {
-                        Ok(None) => {}
-                        Ok(Some(end)) => {
-                            outcome = Some(end);
-                            break;
-                        }
-                        Err(err) => {
-                            tracing::debug!(device_id = %device.device_id, error = %err, "device protocol error");
-                            outcome = Some(End::Abnormal);
-                            break;
-                        }
-                    }
-                    match conn.next_buffered() {
-                        Ok(p) => next = p,
-                        Err(_) => {
-                            outcome = Some(End::Abnormal);
-                            break;
-                        }
-                    }
-                }
-                release(&mut conn, &mut outgoing, &commands_topic, &acks_topic);
-                if conn.flush().await.is_err() {
-                    break End::Abnormal;
-                }
-                if let Some(end) = outcome {
-                    break end;
-                }
-                conn.shrink();
             }
-            message = rx.recv() => {
-                match message {
-                    Some(Outbound::Publish { filter, payload }) => {
-                        outgoing.waiting.push_back((filter, payload));
-                        while let Ok(Outbound::Publish { filter, payload }) = rx.try_recv() {
-                            outgoing.waiting.push_back((filter, payload));
-                        }
-                        release(&mut conn, &mut outgoing, &commands_topic, &acks_topic);
-                        if conn.flush().await.is_err() {
-                            break End::Abnormal;
-                        }
-                    }
-                    Some(Outbound::TakenOver) | None => break End::TakenOver,
+            let handled = match self.conn.next_buffered() {
+                Ok(Some(packet)) => device_packet(
+                    edge,
+                    &self.session,
+                    &mut self.conn,
+                    &mut self.outgoing,
+                    packet,
+                    &mut self.permit,
+                ),
+                Ok(None) => return None,
+                Err(err) => Err(err),
+            };
+            match handled {
+                Ok(None) => {}
+                Ok(Some(end)) => return Some(end),
+                Err(err) => {
+                    tracing::debug!(device_id = %self.session.device.device_id, error = %err, "device protocol error");
+                    return Some(End::Abnormal);
                 }
             }
-            _ = stop.changed() => break End::Shutdown,
-        }
-    };
-    let current = edge.sessions.close(&session);
-    if matches!(end, End::Abnormal) {
-        if let Some(will) = will {
-            publish_will(edge, &device, will);
         }
     }
-    if matches!(end, End::TakenOver) || matches!(end, End::Shutdown) {
-        let _ = conn
-            .send(Packet::Disconnect(
-                Disconnect {
-                    reason_code: match end {
-                        End::Shutdown => DisconnectReasonCode::ServerShuttingDown,
-                        _ => DisconnectReasonCode::SessionTakenOver,
-                    },
-                },
-                None,
-            ))
-            .await;
-    }
-    if current && !matches!(end, End::Shutdown) {
-        let _ = edge.presence.send((device.id, false));
-    }
-    tracing::debug!(device_id = %device.device_id, "device disconnected from MQTT");
-    conn.shutdown().await;
-    Ok(())
 }
 
 /// Events of one connection being stored at once.
 const EVENTS_IN_FLIGHT: usize = 64;
-
-/// Writes waiting messages while the device's in-flight window has room.
-fn release(conn: &mut Conn, outgoing: &mut Outgoing, commands: &str, acks: &str) {
-    while outgoing.inflight.len() < outgoing.limit {
-        let Some((filter, payload)) = outgoing.waiting.pop_front() else {
-            break;
-        };
-        let pkid = outgoing.pkid();
-        outgoing.inflight.insert(pkid, ());
-        let topic = match filter {
-            DeviceFilter::Commands => commands,
-            DeviceFilter::EventAcks => acks,
-        };
-        conn.queue_publish(topic, &payload, pkid);
-    }
-}
 
 /// The last will is the device's own (`{online: false}` on its status topic by contract); it
 /// is honoured only on a topic the device may publish to.
@@ -613,7 +740,7 @@ fn device_packet(
     conn: &mut Conn,
     outgoing: &mut Outgoing,
     packet: Packet,
-    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    permit: &mut Option<tokio::sync::OwnedSemaphorePermit>,
 ) -> Result<Option<End>, ConnError> {
     let device = &session.device;
     match packet {
@@ -641,7 +768,12 @@ fn device_packet(
             match kind {
                 DeviceTopic::Events => {
                     edge.to_feed(topic, &publish.payload, false);
-                    bridge::event(edge.clone(), session.clone(), publish.payload, permit);
+                    bridge::event(
+                        edge.clone(),
+                        session.clone(),
+                        publish.payload,
+                        permit.take(),
+                    );
                 }
                 DeviceTopic::Result(command) => {
                     bridge::result(edge, session, command.to_owned(), publish.payload);

@@ -511,6 +511,23 @@ async fn a_lost_connection_publishes_the_will_and_clears_presence() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_connection_of_a_device_takes_over_from_the_first() {
+    let app = spawn_mqtt_app().await;
+    let device = app.assigned_device("AA:00:00:00:00:1E", "M-30").await;
+    let mut first = connect(&app, &device).await;
+    first.subscribe(&topic(&device, "commands")).await;
+    let mut second = connect(&app, &device).await;
+    assert!(first.closed().await, "the first connection is closed");
+    second.subscribe(&topic(&device, "commands")).await;
+    let command_id = create_command(&app, &device, "REBOOT", 1).await;
+    let pushed = second.receive(&topic(&device, "commands")).await;
+    assert_eq!(pushed["command_id"], command_id);
+    // The connection that ended was no longer the device's own: it stays online.
+    presence_becomes(&app, &device.device_id, true).await;
+    second.receives_nothing().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publishing_to_another_devices_topic_disconnects_and_reaches_nothing() {
     let app = spawn_mqtt_app().await;
     let a = app.assigned_device("AA:00:00:00:00:0E", "M-14").await;
