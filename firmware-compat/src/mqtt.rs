@@ -50,6 +50,13 @@ pub struct MqttArgs {
     /// Seconds of load before measuring starts.
     #[arg(long, default_value_t = 2.0, value_parser = seconds)]
     warmup: f64,
+    /// Seconds to wait between the HTTP handshakes and the MQTT connections (announced on
+    /// stderr as "handshakes done"), so the server can be measured in between.
+    #[arg(long, default_value_t = 0.0, value_parser = seconds)]
+    pause_after_handshakes: f64,
+    /// MQTT keep-alive of each device, in seconds: an idle device sends a PINGREQ this often.
+    #[arg(long, default_value_t = 60)]
+    keep_alive: u16,
     /// QoS 1 messages each device keeps in flight (ingest, raw).
     #[arg(long, default_value_t = 8)]
     window: usize,
@@ -109,6 +116,10 @@ pub async fn run(args: MqttArgs) -> anyhow::Result<std::process::ExitCode> {
         };
         handshake_all(addr, &prefix, args.devices, 32).await?
     };
+    if args.pause_after_handshakes > 0.0 {
+        eprintln!("handshakes done: {} devices", devices.len());
+        tokio::time::sleep(Duration::from_secs_f64(args.pause_after_handshakes)).await;
+    }
     let _ = mac_of;
     let args = Arc::new(args);
     let counters = Arc::new(Counters::default());
@@ -231,7 +242,7 @@ async fn device_task(
         broker.ip().to_string(),
         broker.port(),
     );
-    options.set_keep_alive(Duration::from_secs(60));
+    options.set_keep_alive(Duration::from_secs(args.keep_alive.into()));
     options.set_max_packet_size(256 * 1024, 256 * 1024);
     options.set_inflight(args.window.min(u16::MAX as usize) as u16);
     if !args.anonymous {
