@@ -34,6 +34,10 @@ pub fn placeholder(backend: sea_orm::DbBackend, n: usize) -> String {
     }
 }
 
+/// SQLite connections for bulk reads: exports running at the same time take turns page by
+/// page beyond this.
+const BULK_CONNECTIONS: u32 = 2;
+
 /// How to connect; the PostgreSQL parts matter in production (see the README).
 #[derive(Debug, Clone)]
 pub struct DbOptions {
@@ -75,6 +79,10 @@ pub struct Db {
     conn: DatabaseConnection,
     /// Where write transactions run: on SQLite a pool of exactly one connection.
     writer: DatabaseConnection,
+    /// Long sequential reads (exports): on SQLite connections of their own with a small page
+    /// cache, so that reading millions of rows once neither grows the process by a full cache
+    /// nor evicts what the readers keep cached. The readers on PostgreSQL.
+    bulk: DatabaseConnection,
     /// `Some` on SQLite, which has a single writer.
     write_lock: Option<Arc<Mutex<()>>>,
 }
@@ -112,11 +120,12 @@ impl Db {
             let conn = Database::connect(options).await?;
             return Ok(Db {
                 writer: conn.clone(),
+                bulk: conn.clone(),
                 conn,
                 write_lock: None,
             });
         }
-        let sqlite = |connections: u32, autocheckpoint: &'static str| {
+        let sqlite = |connections: u32, cache_size: &'static str| {
             let mut options = ConnectOptions::new(url.to_owned());
             options
                 .max_connections(connections)
@@ -132,18 +141,22 @@ impl Db {
                         .busy_timeout(Duration::from_secs(10))
                         .foreign_keys(true)
                         .create_if_missing(true)
-                        .pragma("cache_size", "-32768")
+                        .pragma("cache_size", cache_size)
                         .pragma("temp_store", "memory")
-                        .pragma("wal_autocheckpoint", autocheckpoint)
+                        .pragma("wal_autocheckpoint", "10000")
                 });
             options
         };
         // The writer first: it creates the file and switches it to WAL.
-        let writer = Database::connect(sqlite(1, "10000")).await?;
-        let conn = Database::connect(sqlite(max_connections.max(1), "10000")).await?;
+        // Page caches in KiB (negative): 32 MiB for the writer and each reader, 2 MiB for bulk
+        // reads, which touch each page once.
+        let writer = Database::connect(sqlite(1, "-32768")).await?;
+        let conn = Database::connect(sqlite(max_connections.max(1), "-32768")).await?;
+        let bulk = Database::connect(sqlite(BULK_CONNECTIONS, "-2048")).await?;
         Ok(Db {
             conn,
             writer,
+            bulk,
             write_lock: Some(Arc::new(Mutex::new(()))),
         })
     }
@@ -161,6 +174,11 @@ impl Db {
 
     pub fn conn(&self) -> &DatabaseConnection {
         &self.conn
+    }
+
+    /// Where long sequential reads such as exports run (see the `bulk` field).
+    pub fn bulk_conn(&self) -> &DatabaseConnection {
+        &self.bulk
     }
 
     /// Starts a transaction that will write. On SQLite it takes the write lock first and
@@ -224,6 +242,7 @@ impl Db {
         self.conn.close().await?;
         if self.write_lock.is_some() {
             self.writer.close().await?;
+            self.bulk.close().await?;
         }
         Ok(())
     }

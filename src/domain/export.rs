@@ -2,12 +2,16 @@
 //! stays flat whatever the size; dropping the stream (a client that went away) stops the query
 //! between pages. Also the admin flush that deletes telemetry.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, sync::Arc};
 
 use bytes::Bytes;
 use chrono::{DateTime, Duration, SecondsFormat, Utc};
-use futures_util::stream::{self, BoxStream, StreamExt};
-use sea_orm::{ConnectionTrait, DatabaseConnection, EntityTrait, QueryResult, Statement, Value};
+use futures_util::stream::{self, BoxStream, StreamExt, TryStreamExt};
+use sea_orm::{
+    sqlx::{self, AssertSqlSafe, Row},
+    ConnectionTrait, DatabaseConnection, DbBackend, DbErr, EntityTrait, RuntimeErr, Statement,
+    Value,
+};
 use serde::Serialize;
 
 use crate::{
@@ -100,12 +104,26 @@ impl Names {
     }
 }
 
+/// The pool an export reads from. Rows are read through sqlx directly, as a stream decoded in
+/// place: nothing of a page but its CSV text is held.
+enum Pool {
+    Sqlite(sqlx::SqlitePool),
+    Postgres(sqlx::PgPool),
+}
+
+/// A bound value of the export statement (ids and epoch seconds).
+#[derive(Clone, Copy)]
+enum Bind {
+    I32(i32),
+    I64(i64),
+}
+
 struct Cursor {
-    conn: DatabaseConnection,
+    pool: Pool,
     names: Names,
     /// The statement text and its values without the keyset value, which comes first.
-    sql: String,
-    values: Vec<Value>,
+    sql: Arc<str>,
+    values: Vec<Bind>,
     after: i64,
     header: bool,
     done: bool,
@@ -140,10 +158,10 @@ pub async fn export_events(db: &Db, p: &ExportParams, now: DateTime<Utc>) -> Res
         return Err(Error::invalid("invalid_range", "start must be before end"));
     }
 
-    let conn = db.conn().clone();
+    let conn = db.bulk_conn();
     let backend = conn.get_database_backend();
-    let mut values: Vec<Value> = Vec::new();
-    let mut bind = |v: Value| {
+    let mut values: Vec<Bind> = Vec::new();
+    let mut bind = |v: Bind| {
         values.push(v);
         // The keyset value is placeholder 1.
         placeholder(backend, values.len() + 1)
@@ -153,36 +171,40 @@ pub async fn export_events(db: &Db, p: &ExportParams, now: DateTime<Utc>) -> Res
         placeholder(backend, 1)
     );
     if let Some(d) = filter.device {
-        sql.push_str(&format!(" AND device_id = {}", bind(d.into())));
+        sql.push_str(&format!(" AND device_id = {}", bind(Bind::I32(d))));
     }
     if let Some(m) = filter.machine {
-        sql.push_str(&format!(" AND machine_id = {}", bind(m.into())));
+        sql.push_str(&format!(" AND machine_id = {}", bind(Bind::I32(m))));
     }
     if let Some(o) = filter.outlet {
-        sql.push_str(&format!(" AND outlet_id = {}", bind(o.into())));
+        sql.push_str(&format!(" AND outlet_id = {}", bind(Bind::I32(o))));
     }
     sql.push_str(&format!(
         " AND occurred_epoch >= {}",
-        bind(start.timestamp().into())
+        bind(Bind::I64(start.timestamp()))
     ));
     if let Some(end) = end {
         sql.push_str(&format!(
             " AND occurred_epoch < {}",
-            bind(end.timestamp().into())
+            bind(Bind::I64(end.timestamp()))
         ));
     }
     sql.push_str(&format!(" ORDER BY id LIMIT {PAGE_ROWS}"));
 
-    let names = Names::load(&conn).await?;
+    let names = Names::load(db.conn()).await?;
     let file_name = format!(
         "telemetry-{}-{}.csv",
         start.format("%Y%m%d"),
         end.unwrap_or(now).format("%Y%m%d")
     );
+    let pool = match backend {
+        DbBackend::Postgres => Pool::Postgres(conn.get_postgres_connection_pool().clone()),
+        _ => Pool::Sqlite(conn.get_sqlite_connection_pool().clone()),
+    };
     let cursor = Cursor {
-        conn,
+        pool,
         names,
-        sql,
+        sql: sql.into(),
         values,
         after: 0,
         header: false,
@@ -205,32 +227,95 @@ pub async fn export_events(db: &Db, p: &ExportParams, now: DateTime<Utc>) -> Res
     Ok(CsvExport { file_name, body })
 }
 
+fn sqlx_error(e: sqlx::Error) -> Error {
+    Error::from(DbErr::Query(RuntimeErr::SqlxError(Arc::new(e))))
+}
+
+/// One event as the export writes it, borrowed from its database row.
+struct EventRow<'r> {
+    id: i64,
+    event_id: &'r str,
+    device: i32,
+    machine: Option<i32>,
+    outlet: Option<i32>,
+    event: &'r str,
+    treatment: Option<&'r str>,
+    counter: Option<i64>,
+    occurred: DateTime<Utc>,
+    received: DateTime<Utc>,
+    device_timestamp: Option<&'r str>,
+    count_basic: Option<i64>,
+    count_standard: Option<i64>,
+    count_premium: Option<i64>,
+    wifi_status: Option<bool>,
+    payload: Option<&'r str>,
+}
+
+/// Reads an [`EventRow`] from a row of either backend, by column position (see `COLUMNS`).
+macro_rules! event_row {
+    ($row:expr) => {{
+        let r = $row;
+        EventRow {
+            id: r.try_get(0).map_err(sqlx_error)?,
+            event_id: r.try_get(1).map_err(sqlx_error)?,
+            device: r.try_get(2).map_err(sqlx_error)?,
+            machine: r.try_get(3).map_err(sqlx_error)?,
+            outlet: r.try_get(4).map_err(sqlx_error)?,
+            event: r.try_get(5).map_err(sqlx_error)?,
+            treatment: r.try_get(6).map_err(sqlx_error)?,
+            counter: r.try_get(7).map_err(sqlx_error)?,
+            occurred: r.try_get(8).map_err(sqlx_error)?,
+            received: r.try_get(9).map_err(sqlx_error)?,
+            device_timestamp: r.try_get(10).map_err(sqlx_error)?,
+            count_basic: r.try_get(11).map_err(sqlx_error)?,
+            count_standard: r.try_get(12).map_err(sqlx_error)?,
+            count_premium: r.try_get(13).map_err(sqlx_error)?,
+            wifi_status: r.try_get(14).map_err(sqlx_error)?,
+            payload: r.try_get(15).map_err(sqlx_error)?,
+        }
+    }};
+}
+
+/// One page of events as CSV (with the header first), streamed from the database and written
+/// row by row as they arrive; `None` once there is nothing more to send.
 async fn next_page(c: &mut Cursor) -> Result<Option<Bytes>> {
-    let backend = c.conn.get_database_backend();
-    let mut values = Vec::with_capacity(c.values.len() + 1);
-    values.push(Value::from(c.after));
-    values.extend(c.values.iter().cloned());
-    let rows = c
-        .conn
-        .query_all_raw(Statement::from_sql_and_values(
-            backend,
-            c.sql.clone(),
-            values,
-        ))
-        .await?;
-    if (rows.len() as i64) < PAGE_ROWS {
-        c.done = true;
-    }
-    if rows.is_empty() && c.header {
-        return Ok(None);
-    }
-    let mut w = csv::WriterBuilder::new().from_writer(Vec::with_capacity(rows.len() * 160 + 256));
-    if !c.header {
+    let mut w = csv::WriterBuilder::new()
+        .buffer_capacity(64 * 1024)
+        .from_writer(Vec::with_capacity(PAGE_ROWS as usize * 192));
+    let header = !c.header;
+    if header {
         w.write_record(HEADER).map_err(stats::csv_error)?;
         c.header = true;
     }
-    for row in &rows {
-        c.after = write_row(&mut w, row, &c.names)?;
+    let mut fields = Fields::default();
+    let mut rows = 0i64;
+    macro_rules! page {
+        ($pool:expr) => {{
+            let mut query = sqlx::query(AssertSqlSafe(c.sql.clone())).bind(c.after);
+            for v in &c.values {
+                query = match *v {
+                    Bind::I32(v) => query.bind(v),
+                    Bind::I64(v) => query.bind(v),
+                };
+            }
+            let mut stream = query.fetch($pool);
+            while let Some(row) = stream.try_next().await.map_err(sqlx_error)? {
+                let event = event_row!(&row);
+                fields.write(&mut w, &event, &c.names)?;
+                c.after = event.id;
+                rows += 1;
+            }
+        }};
+    }
+    match &c.pool {
+        Pool::Sqlite(pool) => page!(pool),
+        Pool::Postgres(pool) => page!(pool),
+    }
+    if rows < PAGE_ROWS {
+        c.done = true;
+    }
+    if rows == 0 && !header {
+        return Ok(None);
     }
     let buf = w
         .into_inner()
@@ -238,40 +323,119 @@ async fn next_page(c: &mut Cursor) -> Result<Option<Bytes>> {
     Ok(Some(Bytes::from(buf)))
 }
 
-fn opt<T: ToString>(v: Option<T>) -> String {
-    v.map(|v| v.to_string()).unwrap_or_default()
+/// Scratch space for formatting a row's fields without allocating.
+#[derive(Default)]
+struct Fields {
+    int: itoa::Buffer,
+    time: [u8; TIME_LEN],
 }
 
-fn write_row(w: &mut csv::Writer<Vec<u8>>, r: &QueryResult, names: &Names) -> Result<i64> {
-    let id: i64 = r.try_get("", "id")?;
-    let device: i32 = r.try_get("", "device_id")?;
-    let machine: Option<i32> = r.try_get("", "machine_id")?;
-    let outlet: Option<i32> = r.try_get("", "outlet_id")?;
-    let time = |t: DateTime<Utc>| t.to_rfc3339_opts(SecondsFormat::AutoSi, true);
-    let occurred: DateTime<Utc> = r.try_get("", "occurred_at")?;
-    let received: DateTime<Utc> = r.try_get("", "received_at")?;
-    let record: [String; 18] = [
-        id.to_string(),
-        r.try_get("", "event_id")?,
-        names.devices.get(&device).cloned().unwrap_or_default(),
-        opt(machine),
-        opt(machine.and_then(|m| names.machines.get(&m).cloned())),
-        opt(outlet),
-        opt(outlet.and_then(|o| names.outlets.get(&o).cloned())),
-        r.try_get("", "event")?,
-        opt(r.try_get::<Option<String>>("", "treatment")?),
-        opt(r.try_get::<Option<i64>>("", "counter")?),
-        time(occurred),
-        time(received),
-        opt(r.try_get::<Option<String>>("", "device_timestamp")?),
-        opt(r.try_get::<Option<i64>>("", "count_basic")?),
-        opt(r.try_get::<Option<i64>>("", "count_standard")?),
-        opt(r.try_get::<Option<i64>>("", "count_premium")?),
-        opt(r.try_get::<Option<bool>>("", "wifi_status")?),
-        opt(r.try_get::<Option<String>>("", "payload")?),
-    ];
-    w.write_record(&record).map_err(stats::csv_error)?;
-    Ok(id)
+impl Fields {
+    fn write(
+        &mut self,
+        w: &mut csv::Writer<Vec<u8>>,
+        e: &EventRow<'_>,
+        names: &Names,
+    ) -> Result<()> {
+        let names_device = name(&names.devices, Some(e.device));
+        let machine_code = name(&names.machines, e.machine);
+        let outlet_name = name(&names.outlets, e.outlet);
+        let field = |w: &mut csv::Writer<Vec<u8>>, bytes: &[u8]| {
+            w.write_field(bytes).map_err(stats::csv_error)
+        };
+        field(w, self.int.format(e.id).as_bytes())?;
+        field(w, e.event_id.as_bytes())?;
+        field(w, names_device.as_bytes())?;
+        field(w, int(&mut self.int, e.machine))?;
+        field(w, machine_code.as_bytes())?;
+        field(w, int(&mut self.int, e.outlet))?;
+        field(w, outlet_name.as_bytes())?;
+        field(w, e.event.as_bytes())?;
+        field(w, e.treatment.unwrap_or_default().as_bytes())?;
+        field(w, int(&mut self.int, e.counter))?;
+        field(w, &time(&mut self.time, e.occurred))?;
+        field(w, &time(&mut self.time, e.received))?;
+        field(w, e.device_timestamp.unwrap_or_default().as_bytes())?;
+        field(w, int(&mut self.int, e.count_basic))?;
+        field(w, int(&mut self.int, e.count_standard))?;
+        field(w, int(&mut self.int, e.count_premium))?;
+        field(
+            w,
+            match e.wifi_status {
+                Some(true) => b"true",
+                Some(false) => b"false",
+                None => b"",
+            },
+        )?;
+        field(w, e.payload.unwrap_or_default().as_bytes())?;
+        w.write_record(None::<&[u8]>).map_err(stats::csv_error)
+    }
+}
+
+/// The name of an id (empty if there is no id or no such name).
+fn name(map: &HashMap<i32, String>, id: Option<i32>) -> &str {
+    id.and_then(|id| map.get(&id)).map_or("", String::as_str)
+}
+
+/// A nullable integer as text; null is the empty field.
+fn int<I: itoa::Integer>(buf: &mut itoa::Buffer, v: Option<I>) -> &[u8] {
+    match v {
+        Some(v) => buf.format(v).as_bytes(),
+        None => b"",
+    }
+}
+
+/// The longest time [`time`] writes itself: `YYYY-MM-DDTHH:MM:SS.nnnnnnnnnZ`.
+const TIME_LEN: usize = 30;
+
+/// A time as RFC 3339 in UTC, the same text as
+/// `to_rfc3339_opts(SecondsFormat::AutoSi, true)` (a fraction of 3, 6 or 9 digits, only when
+/// there is one), written digit by digit; years outside 0–9999 and leap seconds are left to
+/// chrono.
+fn time(buf: &mut [u8; TIME_LEN], t: DateTime<Utc>) -> std::borrow::Cow<'_, [u8]> {
+    use chrono::{Datelike, Timelike};
+    let year = t.year();
+    let nanos = t.nanosecond();
+    if !(0..=9999).contains(&year) || nanos >= 1_000_000_000 {
+        return t
+            .to_rfc3339_opts(SecondsFormat::AutoSi, true)
+            .into_bytes()
+            .into();
+    }
+    fn digits(out: &mut [u8], mut v: u32) {
+        for b in out.iter_mut().rev() {
+            *b = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+    }
+    digits(&mut buf[0..4], year as u32);
+    buf[4] = b'-';
+    digits(&mut buf[5..7], t.month());
+    buf[7] = b'-';
+    digits(&mut buf[8..10], t.day());
+    buf[10] = b'T';
+    digits(&mut buf[11..13], t.hour());
+    buf[13] = b':';
+    digits(&mut buf[14..16], t.minute());
+    buf[16] = b':';
+    digits(&mut buf[17..19], t.second());
+    let mut len = 19;
+    let (fraction, places) = if nanos == 0 {
+        (0, 0)
+    } else if nanos % 1_000_000 == 0 {
+        (nanos / 1_000_000, 3)
+    } else if nanos % 1_000 == 0 {
+        (nanos / 1_000, 6)
+    } else {
+        (nanos, 9)
+    };
+    if places > 0 {
+        buf[len] = b'.';
+        digits(&mut buf[len + 1..len + 1 + places], fraction);
+        len += 1 + places;
+    }
+    buf[len] = b'Z';
+    std::borrow::Cow::Borrowed(&buf[..len + 1])
 }
 
 /// The stats answer as a CSV download.
@@ -393,4 +557,47 @@ pub async fn flush(db: &Db, req: &FlushRequest, actor: &str) -> Result<Flushed> 
         "telemetry flushed"
     );
     Ok(flushed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_are_written_as_chrono_writes_them() {
+        let mut buf = [0u8; TIME_LEN];
+        let base = DateTime::parse_from_rfc3339("2025-03-30T01:59:59Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let mut seed: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut cases = vec![
+            base,
+            DateTime::<Utc>::from_timestamp(0, 0).unwrap(),
+            DateTime::<Utc>::from_timestamp(253_402_300_799, 999_999_999).unwrap(),
+            DateTime::<Utc>::from_timestamp(-62_135_596_800, 0).unwrap(),
+            DateTime::<Utc>::from_timestamp(-62_167_219_200 - 86_400, 5_000).unwrap(),
+            DateTime::<Utc>::from_timestamp(253_402_300_800, 1_000_000).unwrap(),
+        ];
+        for _ in 0..10_000 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let secs = (seed % 4_000_000_000) as i64;
+            let nanos = match seed % 4 {
+                0 => 0,
+                1 => (seed % 1000) as u32 * 1_000_000,
+                2 => (seed % 1_000_000) as u32 * 1_000,
+                _ => (seed % 1_000_000_000) as u32,
+            };
+            cases.push(DateTime::<Utc>::from_timestamp(secs, nanos).unwrap());
+        }
+        for t in cases {
+            let expected = t.to_rfc3339_opts(SecondsFormat::AutoSi, true);
+            assert_eq!(
+                std::str::from_utf8(&time(&mut buf, t)).unwrap(),
+                expected,
+                "{t:?}"
+            );
+        }
+    }
 }
