@@ -108,9 +108,7 @@ pub async fn add(
         Level::Device,
         devices
             .into_iter()
-            .map(|((h, d, m, o, t), n)| {
-                vec![h.into(), d.into(), m.into(), o.into(), t.into(), n.into()]
-            })
+            .map(|((h, d, m, o, t), n)| [h, d.into(), m.into(), o.into(), t.into(), n])
             .collect(),
     )
     .await?;
@@ -119,7 +117,7 @@ pub async fn add(
         Level::Outlet,
         outlets
             .into_iter()
-            .map(|((h, o, t), n)| vec![h.into(), o.into(), t.into(), n.into()])
+            .map(|((h, o, t), n)| [h, o.into(), t.into(), n])
             .collect(),
     )
     .await?;
@@ -128,7 +126,7 @@ pub async fn add(
         Level::Fleet,
         fleet
             .into_iter()
-            .map(|((h, t), n)| vec![h.into(), t.into(), n.into()])
+            .map(|((h, t), n)| [h, t.into(), n])
             .collect(),
     )
     .await?;
@@ -177,7 +175,7 @@ impl Level {
     }
 }
 
-/// Rows per upsert statement. A batch is split into power-of-two chunks (binary
+/// Rows per upsert statement on PostgreSQL. A batch is split into power-of-two chunks (binary
 /// decomposition), so only eight statement shapes exist per level and all stay prepared;
 /// unlike the event insert, an upsert cannot be padded with repeated rows.
 const UPSERT_MAX_ROWS: usize = 128;
@@ -228,11 +226,57 @@ fn cached_upsert_sql(backend: DbBackend, level: Level, rows: usize) -> &'static 
     &shapes[(b * Level::ALL.len() + l) * powers + rows.trailing_zeros() as usize]
 }
 
-async fn upsert(conn: &impl ConnectionTrait, level: Level, rows: Vec<Vec<Value>>) -> Result<()> {
-    let backend = match conn.get_database_backend() {
-        DbBackend::Postgres => DbBackend::Postgres,
-        _ => DbBackend::Sqlite,
-    };
+/// The SQLite upsert of any number of rows: they come as one JSON array of arrays, so a
+/// level takes one prepared statement per batch whatever its size.
+fn sqlite_upsert_sql(level: Level) -> String {
+    let table = level.table();
+    let key: Vec<&str> = level.key().iter().map(|(c, _)| *c).collect();
+    let fields: Vec<String> = (0..=key.len()).map(|i| format!("value ->> {i}")).collect();
+    // `WHERE true` tells SQLite that `ON` starts the upsert clause, not a join constraint.
+    format!(
+        "INSERT INTO {table} ({}, count) SELECT {} FROM json_each(?) WHERE true \
+         ON CONFLICT ({}) DO UPDATE SET count = {table}.count + excluded.count",
+        key.join(", "),
+        fields.join(", "),
+        key.join(", ")
+    )
+}
+
+fn cached_sqlite_upsert_sql(level: Level) -> &'static str {
+    static SHAPES: OnceLock<Vec<String>> = OnceLock::new();
+    let shapes = SHAPES.get_or_init(|| Level::ALL.iter().map(|l| sqlite_upsert_sql(*l)).collect());
+    &shapes[Level::ALL.iter().position(|x| *x == level).unwrap_or(0)]
+}
+
+/// Adds `rows` (each the level's key columns and a count) to a level, in their order.
+async fn upsert<const N: usize>(
+    conn: &impl ConnectionTrait,
+    level: Level,
+    rows: Vec<[i64; N]>,
+) -> Result<()> {
+    if conn.get_database_backend() != DbBackend::Postgres {
+        let mut json = String::with_capacity(rows.len() * (N * 8 + 4) + 2);
+        let mut int = itoa::Buffer::new();
+        json.push('[');
+        for (i, row) in rows.iter().enumerate() {
+            json.push_str(if i == 0 { "[" } else { ",[" });
+            for (j, v) in row.iter().enumerate() {
+                if j > 0 {
+                    json.push(',');
+                }
+                json.push_str(int.format(*v));
+            }
+            json.push(']');
+        }
+        json.push(']');
+        conn.execute_raw(Statement::from_sql_and_values(
+            DbBackend::Sqlite,
+            cached_sqlite_upsert_sql(level),
+            [Value::from(json)],
+        ))
+        .await?;
+        return Ok(());
+    }
     let mut rest = rows.as_slice();
     while !rest.is_empty() {
         let take = if rest.len() >= UPSERT_MAX_ROWS {
@@ -241,10 +285,25 @@ async fn upsert(conn: &impl ConnectionTrait, level: Level, rows: Vec<Vec<Value>>
             1 << (usize::BITS - 1 - rest.len().leading_zeros())
         };
         let (chunk, tail) = rest.split_at(take);
-        let values: Vec<Value> = chunk.iter().flatten().cloned().collect();
-        let sql = cached_upsert_sql(backend, level, take);
-        conn.execute_raw(Statement::from_sql_and_values(backend, sql, values))
-            .await?;
+        let values: Vec<Value> = chunk
+            .iter()
+            .flat_map(|row| {
+                // The key's last column is the treatment, a SMALLINT; the count is a BIGINT.
+                row.iter().enumerate().map(|(i, v)| match i {
+                    0 => Value::from(*v),
+                    i if i == N - 2 => Value::from(*v as i16),
+                    i if i == N - 1 => Value::from(*v),
+                    _ => Value::from(*v as i32),
+                })
+            })
+            .collect();
+        let sql = cached_upsert_sql(DbBackend::Postgres, level, take);
+        conn.execute_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            sql,
+            values,
+        ))
+        .await?;
         rest = tail;
     }
     Ok(())
