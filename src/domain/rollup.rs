@@ -103,6 +103,9 @@ pub async fn add(
         *outlets.entry((hour, outlet, treatment)).or_default() += n;
         *fleet.entry((hour, treatment)).or_default() += n;
     }
+    if conn.get_database_backend() == DbBackend::Postgres {
+        return upsert_json(conn, &devices, &outlets, &fleet).await;
+    }
     upsert(
         conn,
         Level::Device,
@@ -129,6 +132,64 @@ pub async fn add(
             .map(|((h, t), n)| [h, t.into(), n])
             .collect(),
     )
+    .await?;
+    Ok(())
+}
+
+/// PostgreSQL: all three levels in one statement (one round trip, one shape whatever the
+/// number of keys); each level's rows travel as a JSON array, in key order.
+async fn upsert_json(
+    conn: &impl ConnectionTrait,
+    devices: &BTreeMap<(i64, i32, i32, i32, i16), i64>,
+    outlets: &BTreeMap<(i64, i32, i16), i64>,
+    fleet: &BTreeMap<(i64, i16), i64>,
+) -> Result<()> {
+    const SQL: &str = "WITH d AS (INSERT INTO stats_hourly \
+        (bucket_hour, device_id, machine_id, outlet_id, treatment, count) \
+        SELECT r.* FROM json_to_recordset(CAST($1 AS JSON)) AS r(bucket_hour BIGINT, \
+        device_id INTEGER, machine_id INTEGER, outlet_id INTEGER, treatment SMALLINT, \
+        count BIGINT) \
+        ON CONFLICT (bucket_hour, device_id, machine_id, outlet_id, treatment) \
+        DO UPDATE SET count = stats_hourly.count + excluded.count), \
+        o AS (INSERT INTO stats_hourly_outlets (bucket_hour, outlet_id, treatment, count) \
+        SELECT r.* FROM json_to_recordset(CAST($2 AS JSON)) AS r(bucket_hour BIGINT, \
+        outlet_id INTEGER, treatment SMALLINT, count BIGINT) \
+        ON CONFLICT (bucket_hour, outlet_id, treatment) \
+        DO UPDATE SET count = stats_hourly_outlets.count + excluded.count) \
+        INSERT INTO stats_hourly_fleet (bucket_hour, treatment, count) \
+        SELECT r.* FROM json_to_recordset(CAST($3 AS JSON)) AS r(bucket_hour BIGINT, \
+        treatment SMALLINT, count BIGINT) \
+        ON CONFLICT (bucket_hour, treatment) \
+        DO UPDATE SET count = stats_hourly_fleet.count + excluded.count";
+    let json = |rows: Vec<serde_json::Value>| serde_json::Value::Array(rows).to_string();
+    let devices = json(
+        devices
+            .iter()
+            .map(|(&(h, d, m, o, t), &n)| {
+                serde_json::json!({"bucket_hour": h, "device_id": d, "machine_id": m,
+                    "outlet_id": o, "treatment": t, "count": n})
+            })
+            .collect(),
+    );
+    let outlets = json(
+        outlets
+            .iter()
+            .map(|(&(h, o, t), &n)| {
+                serde_json::json!({"bucket_hour": h, "outlet_id": o, "treatment": t, "count": n})
+            })
+            .collect(),
+    );
+    let fleet = json(
+        fleet
+            .iter()
+            .map(|(&(h, t), &n)| serde_json::json!({"bucket_hour": h, "treatment": t, "count": n}))
+            .collect(),
+    );
+    conn.execute_raw(Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        SQL,
+        [devices.into(), outlets.into(), fleet.into()],
+    ))
     .await?;
     Ok(())
 }

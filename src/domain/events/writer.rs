@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 
 use super::{NewEvent, Treatment};
 use crate::{
-    db::{placeholder, Db},
+    db::{placeholder, Db, WriteTxn},
     domain::{
         fleet::Attribution,
         notify::{Notification, Notifier},
@@ -155,8 +155,15 @@ async fn run_writer(
     contacts: Contacts,
     contact_ready: Arc<Notify>,
 ) {
-    let mut stopping = false;
+    // With a database that takes concurrent writers (PostgreSQL), the next batch is prepared
+    // (begun, attributed, its events inserted) while the previous one commits; the rows that
+    // batches share (rollups, device status) are written only once the previous commit is
+    // done, so batches never wait on each other's row locks and commits keep their order.
+    // SQLite has one writer: each batch is whatever queued during the previous commit.
+    let pipelined = !db.is_sqlite();
     let mut memo = status::DeviceMemo::default();
+    let mut in_flight: Option<tokio::task::JoinHandle<Settled>> = None;
+    let mut stopping = false;
     loop {
         let first = if stopping {
             rx.recv().await
@@ -168,6 +175,9 @@ async fn run_writer(
                     match tokio::time::timeout(CONTACT_DELAY, rx.recv()).await {
                         Ok(job) => job,
                         Err(_) => {
+                            if let Some(failed) = settle(in_flight.take(), &mut memo).await {
+                                retry(failed, &db, &notifier, &contacts, &mut memo).await;
+                            }
                             commit_contacts(&db, &notifier, &contacts, &mut memo).await;
                             continue;
                         }
@@ -188,41 +198,140 @@ async fn run_writer(
                 Err(_) => break,
             }
         }
-        let touched = take_contacts(&contacts);
-        let events: Vec<&NewEvent> = jobs.iter().map(|j| &j.event).collect();
         let started = std::time::Instant::now();
-        match commit_batch(&db, &events, touched.clone(), &mut memo).await {
-            Ok(outcomes) => {
-                record_metrics(&outcomes, started);
-                announce(&notifier, &events, touched.keys().copied());
-                for (job, outcome) in jobs.into_iter().zip(outcomes) {
-                    let _ = job.done.send(Ok(outcome));
+        let events: Vec<&NewEvent> = jobs.iter().map(|j| &j.event).collect();
+        let prepared = prepare_batch(&db, &events).await;
+        let finished = match settle(in_flight.take(), &mut memo).await {
+            None => match prepared {
+                Ok(batch) => {
+                    let touched = take_contacts(&contacts);
+                    match batch.finish(&events, touched.clone(), &memo).await {
+                        Ok(finished) => Ok((finished, touched)),
+                        Err(err) => {
+                            restore_contacts(&contacts, touched);
+                            Err(err)
+                        }
+                    }
+                }
+                Err(err) => Err(err),
+            },
+            Some(failed) => {
+                // This batch's inserts must not hold up the retries: it is rolled back and
+                // retried after them.
+                drop(prepared);
+                retry(failed, &db, &notifier, &contacts, &mut memo).await;
+                Err(Error::Unavailable)
+            }
+        };
+        let devices = sent_by(&events);
+        drop(events);
+        match finished {
+            Ok((finished, touched)) => {
+                in_flight = Some(tokio::spawn(finished.commit(
+                    jobs,
+                    devices,
+                    touched,
+                    started,
+                    notifier.clone(),
+                )));
+                if !pipelined {
+                    let failed = settle(in_flight.take(), &mut memo).await;
+                    if let Some(failed) = failed {
+                        retry(failed, &db, &notifier, &contacts, &mut memo).await;
+                    }
                 }
             }
             Err(err) => {
-                // One bad event must not fail its neighbours: retry them one by one.
-                tracing::warn!(error = %err, size = jobs.len(), "event batch failed; committing individually");
-                for job in jobs {
-                    let outcome = commit_batch(&db, &[&job.event], HashMap::new(), &mut memo)
-                        .await
-                        .map(|mut o| o.pop().unwrap_or(Ingested::Duplicate));
-                    match &outcome {
-                        Ok(o) => {
-                            record_metrics(std::slice::from_ref(o), started);
-                            announce(&notifier, &[&job.event], std::iter::empty());
-                        }
-                        Err(err) => {
-                            tracing::error!(error = %err, event_id = %job.event.event_id, "event could not be stored")
-                        }
-                    }
-                    let _ = job.done.send(outcome);
+                if !matches!(err, Error::Unavailable) {
+                    tracing::warn!(error = %err, size = jobs.len(), "event batch failed; committing individually");
                 }
-                restore_contacts(&contacts, touched);
+                commit_individually(&db, &notifier, jobs, &mut memo, started).await;
             }
         }
     }
+    if let Some(failed) = settle(in_flight.take(), &mut memo).await {
+        retry(failed, &db, &notifier, &contacts, &mut memo).await;
+    }
     // Contacts that came in last are written before the writer ends.
     commit_contacts(&db, &notifier, &contacts, &mut memo).await;
+}
+
+/// How a batch's commit ended: its status writes for the memo, or its jobs back for retrying.
+enum Settled {
+    Committed(status::DeviceMemo),
+    Failed(Failed),
+}
+
+/// A batch whose commit failed.
+struct Failed {
+    jobs: Vec<Job>,
+    touched: HashMap<i32, status::DeviceUpdate>,
+    started: std::time::Instant,
+}
+
+/// Waits for the batch in flight, if any; hands back a batch that failed to commit.
+async fn settle(
+    in_flight: Option<tokio::task::JoinHandle<Settled>>,
+    memo: &mut status::DeviceMemo,
+) -> Option<Failed> {
+    match in_flight?.await {
+        Ok(Settled::Committed(writes)) => {
+            memo.absorb(writes);
+            None
+        }
+        Ok(Settled::Failed(failed)) => Some(failed),
+        Err(err) => {
+            // The commit task panicked: its events are unacknowledged (their senders see the
+            // writer as unavailable and resend).
+            tracing::error!(error = %err, "event commit task failed");
+            None
+        }
+    }
+}
+
+/// Retries a failed batch event by event; its contacts go back for the next commit.
+async fn retry(
+    failed: Failed,
+    db: &Db,
+    notifier: &Notifier,
+    contacts: &Contacts,
+    memo: &mut status::DeviceMemo,
+) {
+    restore_contacts(contacts, failed.touched);
+    commit_individually(db, notifier, failed.jobs, memo, failed.started).await;
+}
+
+/// One bad event must not fail its neighbours: each is committed on its own.
+async fn commit_individually(
+    db: &Db,
+    notifier: &Notifier,
+    jobs: Vec<Job>,
+    memo: &mut status::DeviceMemo,
+    started: std::time::Instant,
+) {
+    for job in jobs {
+        let outcome = commit_batch(db, &[&job.event], HashMap::new(), memo)
+            .await
+            .map(|mut o| o.pop().unwrap_or(Ingested::Duplicate));
+        match &outcome {
+            Ok(o) => {
+                record_metrics(std::slice::from_ref(o), started);
+                announce(notifier, &[job.event.device], std::iter::empty());
+            }
+            Err(err) => {
+                tracing::error!(error = %err, event_id = %job.event.event_id, "event could not be stored")
+            }
+        }
+        let _ = job.done.send(outcome);
+    }
+}
+
+/// The devices whose events a batch carries, each once.
+fn sent_by(events: &[&NewEvent]) -> Vec<i32> {
+    let mut devices: Vec<i32> = events.iter().map(|e| e.device).collect();
+    devices.sort_unstable();
+    devices.dedup();
+    devices
 }
 
 fn record_metrics(outcomes: &[Ingested], started: std::time::Instant) {
@@ -255,12 +364,11 @@ fn restore_contacts(contacts: &Contacts, touched: HashMap<i32, status::DeviceUpd
 }
 
 /// Tells subscribers which devices' events and contacts a commit stored.
-fn announce(notifier: &Notifier, events: &[&NewEvent], contacted: impl Iterator<Item = i32>) {
-    let mut devices: Vec<i32> = events.iter().map(|e| e.device).collect();
-    devices.sort_unstable();
-    devices.dedup();
+fn announce(notifier: &Notifier, devices: &[i32], contacted: impl Iterator<Item = i32>) {
     if !devices.is_empty() {
-        notifier.publish(Notification::EventsStored { devices });
+        notifier.publish(Notification::EventsStored {
+            devices: devices.to_vec(),
+        });
     }
     let contacted: Vec<i32> = contacted.collect();
     if !contacted.is_empty() {
@@ -278,7 +386,8 @@ async fn commit_contacts(
     if touched.is_empty() {
         return;
     }
-    let updates: Vec<(i32, status::DeviceUpdate)> = touched.clone().into_iter().collect();
+    let mut updates: Vec<(i32, status::DeviceUpdate)> = touched.clone().into_iter().collect();
+    updates.sort_unstable_by_key(|(device, _)| *device);
     let result = async {
         let txn = db.begin_write().await?;
         let writes = status::record_many(&*txn, &updates, Utc::now(), memo).await?;
@@ -304,20 +413,88 @@ async fn commit_contacts(
 async fn commit_batch(
     db: &Db,
     events: &[&NewEvent],
-    mut updates: HashMap<i32, status::DeviceUpdate>,
+    updates: HashMap<i32, status::DeviceUpdate>,
     memo: &mut status::DeviceMemo,
 ) -> Result<Vec<Ingested>> {
-    // Repeats within the batch: the first occurrence is the one that may be new.
+    let finished = prepare_batch(db, events)
+        .await?
+        .finish(events, updates, memo)
+        .await?;
+    let Finished {
+        txn,
+        outcomes,
+        writes,
+        timings,
+    } = finished;
+    txn.commit().await?;
+    timings.log(events.len());
+    // Remembered only once committed.
+    memo.absorb(writes);
+    Ok(outcomes)
+}
+
+/// A batch begun and its events inserted; the rows batches share are not written yet.
+struct Prepared {
+    txn: WriteTxn,
+    now: DateTime<Utc>,
+    attribution: Attribution,
+    inserted: HashSet<(i32, String)>,
+    devices: Vec<i32>,
+    timings: Timings,
+}
+
+/// A batch with everything written, waiting for its commit.
+struct Finished {
+    txn: WriteTxn,
+    outcomes: Vec<Ingested>,
+    writes: status::DeviceMemo,
+    timings: Timings,
+}
+
+/// Where a batch's time goes, statement by statement (`OZONE_LOG=ozone::ingest=debug`).
+struct Timings {
+    started: std::time::Instant,
+    began: Duration,
+    attributed: Duration,
+    inserted: Duration,
+    waited: Duration,
+    shared: Duration,
+    devices: usize,
+}
+
+impl Timings {
+    fn log(&self, events: usize) {
+        let us = |d: Duration| d.as_micros() as u64;
+        tracing::debug!(
+            target: "ozone::ingest",
+            events,
+            devices = self.devices,
+            begin_us = us(self.began),
+            attribution_us = us(self.attributed - self.began),
+            insert_us = us(self.inserted - self.attributed),
+            wait_us = us(self.waited - self.inserted),
+            shared_us = us(self.shared - self.waited),
+            commit_us = us(self.started.elapsed() - self.shared),
+            "batch committed"
+        );
+    }
+}
+
+/// The first occurrence of each `(device, event_id)` in a batch: the one that may be new.
+fn candidates<'a, 'e>(events: &'a [&'e NewEvent]) -> Vec<&'e NewEvent> {
     let mut first_seen: HashSet<(i32, &str)> = HashSet::with_capacity(events.len());
-    let candidates: Vec<&NewEvent> = events
+    events
         .iter()
         .copied()
         .filter(|e| first_seen.insert((e.device, e.event_id.as_str())))
-        .collect();
-    let mut device_ids: Vec<i32> = events.iter().map(|e| e.device).collect();
-    device_ids.sort_unstable();
-    device_ids.dedup();
+        .collect()
+}
 
+/// Begins the batch's transaction, loads the bindings its events are attributed by, and inserts
+/// its events (rows no other batch writes).
+async fn prepare_batch(db: &Db, events: &[&NewEvent]) -> Result<Prepared> {
+    let candidates = candidates(events);
+    let devices = sent_by(events);
     let started = std::time::Instant::now();
     let txn = db.begin_write().await?;
     let began = started.elapsed();
@@ -327,63 +504,133 @@ async fn commit_batch(
         .map(|e| e.occurred_at)
         .min()
         .unwrap_or(now);
-    let attribution = Attribution::load(&*txn, &device_ids, earliest).await?;
+    let attribution = Attribution::load(&*txn, &devices, earliest).await?;
     let attributed = started.elapsed();
     let mut inserted: HashSet<(i32, String)> = HashSet::with_capacity(candidates.len());
-    let budget = match txn.get_database_backend() {
-        DbBackend::Postgres => Some(NETWORK_STATEMENT_BYTES),
-        _ => None,
-    };
-    for chunk in insert_chunks(&candidates, budget) {
-        inserted.extend(insert_events(&*txn, chunk, &attribution).await?);
-    }
-    crate::domain::rollup::record_inserted(&*txn, &candidates, &inserted, &attribution).await?;
-
-    // Device status: every sender was seen now; each new event's report counts by its own
-    // time, so a buffered older event never overwrites a newer state.
-    for device in &device_ids {
-        updates.entry(*device).or_default().seen_at(now);
-    }
-    for event in &candidates {
-        if inserted.contains(&(event.device, event.event_id.clone())) {
-            updates.entry(event.device).or_default().report(
-                &event.report,
-                Stamp::of(event.occurred_at, event.received_at),
-            );
+    match txn.get_database_backend() {
+        DbBackend::Postgres => {
+            for rows in json_rows(&candidates, &attribution, NETWORK_STATEMENT_BYTES)? {
+                inserted.extend(insert_json_rows(&*txn, rows).await?);
+            }
+        }
+        _ => {
+            for chunk in insert_chunks(&candidates, None) {
+                inserted.extend(insert_events(&*txn, chunk, &attribution).await?);
+            }
         }
     }
-    let updates: Vec<(i32, status::DeviceUpdate)> = updates.into_iter().collect();
-    let stored = started.elapsed();
-    let writes = status::record_many(&*txn, &updates, now, memo).await?;
-    let recorded = started.elapsed();
-    txn.commit().await?;
-    // Remembered only once committed.
-    memo.absorb(writes);
-    // `OZONE_LOG=ozone::ingest=debug`: where a batch's time goes, statement by statement.
-    tracing::debug!(
-        target: "ozone::ingest",
-        events = events.len(),
-        devices = device_ids.len(),
-        begin_us = began.as_micros() as u64,
-        attribution_us = (attributed - began).as_micros() as u64,
-        insert_us = (stored - attributed).as_micros() as u64,
-        status_us = (recorded - stored).as_micros() as u64,
-        commit_us = (started.elapsed() - recorded).as_micros() as u64,
-        "batch committed"
-    );
+    let elapsed = started.elapsed();
+    Ok(Prepared {
+        txn,
+        now,
+        attribution,
+        inserted,
+        timings: Timings {
+            started,
+            began,
+            attributed,
+            inserted: elapsed,
+            waited: elapsed,
+            shared: elapsed,
+            devices: devices.len(),
+        },
+        devices,
+    })
+}
 
-    let mut claimed: HashSet<(i32, &str)> = HashSet::with_capacity(events.len());
-    Ok(events
-        .iter()
-        .map(|e| {
-            let key = (e.device, e.event_id.as_str());
-            if claimed.insert(key) && inserted.contains(&(e.device, e.event_id.clone())) {
-                Ingested::Stored
-            } else {
-                Ingested::Duplicate
+impl Prepared {
+    /// Writes the rows batches share: the rollups of the new treatments and the senders'
+    /// status. Every sender was seen now; each new event's report counts by its own time, so a
+    /// buffered older event never overwrites a newer state.
+    async fn finish(
+        self,
+        events: &[&NewEvent],
+        mut updates: HashMap<i32, status::DeviceUpdate>,
+        memo: &status::DeviceMemo,
+    ) -> Result<Finished> {
+        let Prepared {
+            txn,
+            now,
+            attribution,
+            inserted,
+            devices,
+            mut timings,
+        } = self;
+        timings.waited = timings.started.elapsed();
+        let candidates = candidates(events);
+        crate::domain::rollup::record_inserted(&*txn, &candidates, &inserted, &attribution).await?;
+        for device in &devices {
+            updates.entry(*device).or_default().seen_at(now);
+        }
+        for event in &candidates {
+            if inserted.contains(&(event.device, event.event_id.clone())) {
+                updates.entry(event.device).or_default().report(
+                    &event.report,
+                    Stamp::of(event.occurred_at, event.received_at),
+                );
             }
+        }
+        // In device order, so that writers in other processes lock status rows in the same
+        // order as this one.
+        let mut updates: Vec<(i32, status::DeviceUpdate)> = updates.into_iter().collect();
+        updates.sort_unstable_by_key(|(device, _)| *device);
+        let writes = status::record_many(&*txn, &updates, now, memo).await?;
+        timings.shared = timings.started.elapsed();
+
+        let mut claimed: HashSet<(i32, &str)> = HashSet::with_capacity(events.len());
+        let outcomes = events
+            .iter()
+            .map(|e| {
+                let key = (e.device, e.event_id.as_str());
+                if claimed.insert(key) && inserted.contains(&(e.device, e.event_id.clone())) {
+                    Ingested::Stored
+                } else {
+                    Ingested::Duplicate
+                }
+            })
+            .collect();
+        Ok(Finished {
+            txn,
+            outcomes,
+            writes,
+            timings,
         })
-        .collect())
+    }
+}
+
+impl Finished {
+    /// Commits, then acknowledges every job and tells subscribers; a failed commit hands the
+    /// jobs back for retrying.
+    async fn commit(
+        self,
+        jobs: Vec<Job>,
+        devices: Vec<i32>,
+        touched: HashMap<i32, status::DeviceUpdate>,
+        started: std::time::Instant,
+        notifier: Notifier,
+    ) -> Settled {
+        let Finished {
+            txn,
+            outcomes,
+            writes,
+            timings,
+        } = self;
+        if let Err(err) = txn.commit().await {
+            tracing::warn!(error = %err, size = jobs.len(), "event batch failed to commit");
+            return Settled::Failed(Failed {
+                jobs,
+                touched,
+                started,
+            });
+        }
+        timings.log(jobs.len());
+        record_metrics(&outcomes, started);
+        announce(&notifier, &devices, touched.keys().copied());
+        for (job, outcome) in jobs.into_iter().zip(outcomes) {
+            let _ = job.done.send(Ok(outcome));
+        }
+        Settled::Committed(writes)
+    }
 }
 
 /// Events per `INSERT`. Each statement is padded to a power of two by repeating its last
@@ -499,6 +746,134 @@ fn cached_insert_sql(backend: DbBackend, rows: usize) -> &'static str {
     &shapes[rows.trailing_zeros() as usize]
 }
 
+/// An event as a row of the JSON array PostgreSQL inserts from (`json_to_recordset`).
+#[derive(serde::Serialize)]
+struct JsonRow<'a> {
+    device_id: i32,
+    event_id: &'a str,
+    event: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    treatment: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    counter: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    event_type: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    count_basic: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    count_standard: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    count_premium: Option<i64>,
+    occurred_at: String,
+    occurred_epoch: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    device_timestamp: Option<&'a str>,
+    received_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    wifi_status: Option<bool>,
+    /// Embedded as JSON, not as a string of it: smaller, and PostgreSQL keeps it as `jsonb`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    payload: Option<&'a serde_json::value::RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    machine_id: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    outlet_id: Option<i32>,
+}
+
+/// Events as JSON arrays of rows, each array at most `budget` bytes (a single larger event goes
+/// alone), for one `INSERT` each.
+fn json_rows(
+    events: &[&NewEvent],
+    attribution: &Attribution,
+    budget: usize,
+) -> Result<Vec<String>> {
+    // Microseconds, truncated: what PostgreSQL keeps of a bound timestamp.
+    let time = |t: DateTime<Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+    let mut arrays = Vec::new();
+    let mut array = String::from("[");
+    for e in events {
+        let (machine_id, outlet_id) = attribution.at(e.device, e.occurred_at);
+        let row = JsonRow {
+            device_id: e.device,
+            event_id: &e.event_id,
+            event: e.kind.as_str(),
+            treatment: e.treatment.map(Treatment::as_str),
+            counter: e.counter,
+            event_type: e.event_type.as_deref(),
+            count_basic: e.legacy_counts.map(|c| c.basic),
+            count_standard: e.legacy_counts.map(|c| c.standard),
+            count_premium: e.legacy_counts.map(|c| c.premium),
+            occurred_at: time(e.occurred_at),
+            occurred_epoch: e.occurred_at.timestamp(),
+            device_timestamp: e.device_timestamp.as_deref(),
+            received_at: time(e.received_at),
+            wifi_status: e.wifi_status,
+            // The text of a body that was parsed as JSON; anything else would fail the cast the
+            // column makes, so it is refused here as it would be there.
+            payload: match e.payload.as_deref().map(serde_json::from_str) {
+                Some(Ok(raw)) => Some(raw),
+                Some(Err(_)) => {
+                    return Err(Error::invalid("invalid_payload", "the payload is not JSON"))
+                }
+                None => None,
+            },
+            machine_id,
+            outlet_id,
+        };
+        let row = serde_json::to_string(&row).unwrap_or_default();
+        if array.len() > 1 && array.len() + row.len() + 1 > budget {
+            array.push(']');
+            arrays.push(std::mem::replace(&mut array, String::from("[")));
+        }
+        if array.len() > 1 {
+            array.push(',');
+        }
+        array.push_str(&row);
+    }
+    if array.len() > 1 {
+        array.push(']');
+        arrays.push(array);
+    }
+    Ok(arrays)
+}
+
+/// One statement shape for any number of events: the rows travel as one JSON parameter.
+const INSERT_JSON_SQL: &str = "INSERT INTO telemetry_events (device_id, event_id, event, \
+    treatment, counter, event_type, count_basic, count_standard, count_premium, occurred_at, \
+    occurred_epoch, device_timestamp, received_at, wifi_status, payload, machine_id, outlet_id) \
+    SELECT device_id, event_id, event, treatment, counter, event_type, count_basic, \
+    count_standard, count_premium, occurred_at, occurred_epoch, device_timestamp, received_at, \
+    wifi_status, payload, machine_id, outlet_id \
+    FROM json_to_recordset(CAST($1 AS JSON)) AS r(device_id INTEGER, event_id TEXT, event TEXT, \
+    treatment TEXT, counter BIGINT, event_type TEXT, count_basic BIGINT, count_standard BIGINT, \
+    count_premium BIGINT, occurred_at TIMESTAMPTZ, occurred_epoch BIGINT, device_timestamp TEXT, \
+    received_at TIMESTAMPTZ, wifi_status BOOLEAN, payload JSONB, machine_id INTEGER, \
+    outlet_id INTEGER) \
+    ON CONFLICT (device_id, event_id) DO NOTHING RETURNING device_id, event_id";
+
+async fn insert_json_rows(conn: &impl ConnectionTrait, rows: String) -> Result<Vec<(i32, String)>> {
+    let rows = conn
+        .query_all_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            INSERT_JSON_SQL,
+            [rows.into()],
+        ))
+        .await?;
+    returned_keys(&rows)
+}
+
+fn returned_keys(rows: &[sea_orm::QueryResult]) -> Result<Vec<(i32, String)>> {
+    rows.iter()
+        .map(|row| {
+            Ok((
+                row.try_get::<i32>("", "device_id")?,
+                row.try_get::<String>("", "event_id")?,
+            ))
+        })
+        .collect::<std::result::Result<Vec<_>, DbErr>>()
+        .map_err(Error::from)
+}
+
 async fn insert_events(
     conn: &impl ConnectionTrait,
     events: &[&NewEvent],
@@ -534,15 +909,7 @@ async fn insert_events(
     let rows = conn
         .query_all_raw(Statement::from_sql_and_values(backend, sql, values))
         .await?;
-    rows.iter()
-        .map(|row| {
-            Ok((
-                row.try_get::<i32>("", "device_id")?,
-                row.try_get::<String>("", "event_id")?,
-            ))
-        })
-        .collect::<std::result::Result<Vec<_>, DbErr>>()
-        .map_err(Error::from)
+    returned_keys(&rows)
 }
 
 #[cfg(test)]
