@@ -481,7 +481,7 @@ impl Timings {
 }
 
 /// The first occurrence of each `(device, event_id)` in a batch: the one that may be new.
-fn candidates<'a, 'e>(events: &'a [&'e NewEvent]) -> Vec<&'e NewEvent> {
+fn candidates<'e>(events: &[&'e NewEvent]) -> Vec<&'e NewEvent> {
     let mut first_seen: HashSet<(i32, &str)> = HashSet::with_capacity(events.len());
     events
         .iter()
