@@ -310,6 +310,7 @@ pub async fn unassign_machine(db: &Db, cache: &TokenCache, machine_id: i32) -> R
 
 /// Which machine each device was bound to over a period, and which outlet each of those
 /// machines stood in.
+#[derive(Default)]
 pub struct Attribution {
     bindings: HashMap<i32, Vec<Binding>>,
 }

@@ -514,7 +514,7 @@ async fn prepare_batch(db: &Db, events: &[&NewEvent]) -> Result<Prepared> {
             }
         }
         _ => {
-            for chunk in insert_chunks(&candidates, None) {
+            for chunk in insert_chunks(&candidates) {
                 inserted.extend(insert_events(&*txn, chunk, &attribution).await?);
             }
         }
@@ -633,7 +633,7 @@ impl Finished {
     }
 }
 
-/// Events per `INSERT`. Each statement is padded to a power of two by repeating its last
+/// SQLite: events per `INSERT`. Each statement is padded to a power of two by repeating its last
 /// event (the copy conflicts with the original and is skipped), so only eight statement shapes
 /// exist and all of them stay prepared.
 const INSERT_MAX_ROWS: usize = 128;
@@ -644,40 +644,9 @@ const INSERT_MAX_ROWS: usize = 128;
 /// that fit one record leave at once.
 pub const NETWORK_STATEMENT_BYTES: usize = 12 * 1024;
 
-/// What an event's row weighs in a statement: its text, plus the fixed-size columns and each
-/// parameter's length prefix.
-fn row_bytes(e: &NewEvent) -> usize {
-    200 + e.event_id.len()
-        + e.payload.as_ref().map_or(0, String::len)
-        + e.device_timestamp.as_ref().map_or(0, String::len)
-}
-
-/// Splits events into `INSERT` statements: at most [`INSERT_MAX_ROWS`] each and, with a
-/// `budget`, at most that many bytes once padded (a single larger event goes alone).
-fn insert_chunks<'a, 'e>(
-    events: &'a [&'e NewEvent],
-    budget: Option<usize>,
-) -> Vec<&'a [&'e NewEvent]> {
-    let mut chunks = Vec::new();
-    let mut start = 0;
-    while start < events.len() {
-        let mut end = start + 1;
-        let mut bytes = row_bytes(events[start]);
-        while end < events.len() && end - start < INSERT_MAX_ROWS {
-            let next = row_bytes(events[end]);
-            let rows = end - start + 1;
-            // Padding repeats the last row up to the next power of two.
-            let padded = bytes + next + (rows.next_power_of_two() - rows) * next;
-            if budget.is_some_and(|b| padded > b) {
-                break;
-            }
-            bytes += next;
-            end += 1;
-        }
-        chunks.push(&events[start..end]);
-        start = end;
-    }
-    chunks
+/// SQLite: events per `INSERT`, at most [`INSERT_MAX_ROWS`] each.
+fn insert_chunks<'a, 'e>(events: &'a [&'e NewEvent]) -> std::slice::Chunks<'a, &'e NewEvent> {
+    events.chunks(INSERT_MAX_ROWS)
 }
 
 const EVENT_COLUMNS: [&str; 17] = [
@@ -931,31 +900,41 @@ mod tests {
             device_timestamp: None,
             received_at: now,
             wifi_status: None,
-            payload: Some("x".repeat(payload)),
+            payload: Some(format!("{{\"note\":\"{}\"}}", "x".repeat(payload))),
             report: Default::default(),
         }
     }
 
     #[test]
-    fn network_statements_stay_within_their_byte_budget_once_padded() {
+    fn network_statements_stay_within_their_byte_budget() {
         let events: Vec<NewEvent> = (0..300).map(|i| event(100 + i % 7 * 50)).collect();
         let refs: Vec<&NewEvent> = events.iter().collect();
-        let chunks = insert_chunks(&refs, Some(NETWORK_STATEMENT_BYTES));
-        assert_eq!(chunks.iter().map(|c| c.len()).sum::<usize>(), 300);
-        for chunk in &chunks {
-            let rows = chunk.len();
-            let last = row_bytes(chunk[rows - 1]);
-            let padded: usize = chunk.iter().map(|e| row_bytes(e)).sum::<usize>()
-                + (rows.next_power_of_two() - rows) * last;
-            assert!(padded <= NETWORK_STATEMENT_BYTES || rows == 1);
+        let attribution = Attribution::default();
+        let arrays = json_rows(&refs, &attribution, NETWORK_STATEMENT_BYTES).unwrap();
+        assert!(arrays.len() > 1);
+        let mut rows = 0;
+        for array in &arrays {
+            assert!(array.len() <= NETWORK_STATEMENT_BYTES);
+            let parsed: Vec<serde_json::Value> = serde_json::from_str(array).unwrap();
+            rows += parsed.len();
         }
+        assert_eq!(rows, 300, "every event in exactly one statement");
         let big = [event(60_000)];
         let big: Vec<&NewEvent> = big.iter().collect();
-        assert_eq!(insert_chunks(&big, Some(NETWORK_STATEMENT_BYTES)).len(), 1);
+        let arrays = json_rows(&big, &attribution, NETWORK_STATEMENT_BYTES).unwrap();
+        assert_eq!(arrays.len(), 1, "a larger event goes alone");
         assert_eq!(
-            insert_chunks(&refs, None).len(),
+            insert_chunks(&refs).len(),
             3,
             "128 rows a statement locally"
         );
+    }
+
+    #[test]
+    fn a_payload_that_is_not_json_is_refused() {
+        let mut bad = event(10);
+        bad.payload = Some("{not json".into());
+        let refs = [&bad];
+        assert!(json_rows(&refs, &Attribution::default(), NETWORK_STATEMENT_BYTES).is_err());
     }
 }
