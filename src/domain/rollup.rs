@@ -15,7 +15,6 @@ use std::sync::OnceLock;
 use sea_orm::{ConnectionTrait, DbBackend, Statement, Value};
 
 use crate::{
-    db::placeholder,
     domain::{
         events::{EventKind, NewEvent, Treatment},
         fleet::Attribution,
@@ -236,57 +235,6 @@ impl Level {
     }
 }
 
-/// Rows per upsert statement on PostgreSQL. A batch is split into power-of-two chunks (binary
-/// decomposition), so only eight statement shapes exist per level and all stay prepared;
-/// unlike the event insert, an upsert cannot be padded with repeated rows.
-const UPSERT_MAX_ROWS: usize = 128;
-
-fn upsert_sql(backend: DbBackend, level: Level, rows: usize) -> String {
-    let table = level.table();
-    let key: Vec<&str> = level.key().iter().map(|(c, _)| *c).collect();
-    let width = key.len() + 1;
-    let mut sql = format!("INSERT INTO {table} ({}, count) VALUES ", key.join(", "));
-    let mut n = 0;
-    for row in 0..rows {
-        if row > 0 {
-            sql.push_str(", ");
-        }
-        sql.push('(');
-        for col in 0..width {
-            if col > 0 {
-                sql.push_str(", ");
-            }
-            n += 1;
-            sql.push_str(&placeholder(backend, n));
-        }
-        sql.push(')');
-    }
-    sql.push_str(&format!(
-        " ON CONFLICT ({}) DO UPDATE SET count = {table}.count + excluded.count",
-        key.join(", ")
-    ));
-    sql
-}
-
-fn cached_upsert_sql(backend: DbBackend, level: Level, rows: usize) -> &'static str {
-    static SHAPES: OnceLock<Vec<String>> = OnceLock::new();
-    let powers = UPSERT_MAX_ROWS.trailing_zeros() as usize + 1;
-    let shapes = SHAPES.get_or_init(|| {
-        let mut all = Vec::new();
-        for backend in [DbBackend::Sqlite, DbBackend::Postgres] {
-            for level in Level::ALL {
-                for power in 0..powers {
-                    all.push(upsert_sql(backend, level, 1 << power));
-                }
-            }
-        }
-        all
-    });
-    let b = usize::from(backend == DbBackend::Postgres);
-    let l = Level::ALL.iter().position(|x| *x == level).unwrap_or(0);
-    &shapes[(b * Level::ALL.len() + l) * powers + rows.trailing_zeros() as usize]
-}
-
 /// The SQLite upsert of any number of rows: they come as one JSON array of arrays, so a
 /// level takes one prepared statement per batch whatever its size.
 fn sqlite_upsert_sql(level: Level) -> String {
@@ -309,64 +257,32 @@ fn cached_sqlite_upsert_sql(level: Level) -> &'static str {
     &shapes[Level::ALL.iter().position(|x| *x == level).unwrap_or(0)]
 }
 
-/// Adds `rows` (each the level's key columns and a count) to a level, in their order.
+/// SQLite: adds `rows` (each the level's key columns and a count) to a level, in their order.
 async fn upsert<const N: usize>(
     conn: &impl ConnectionTrait,
     level: Level,
     rows: Vec<[i64; N]>,
 ) -> Result<()> {
-    if conn.get_database_backend() != DbBackend::Postgres {
-        let mut json = String::with_capacity(rows.len() * (N * 8 + 4) + 2);
-        let mut int = itoa::Buffer::new();
-        json.push('[');
-        for (i, row) in rows.iter().enumerate() {
-            json.push_str(if i == 0 { "[" } else { ",[" });
-            for (j, v) in row.iter().enumerate() {
-                if j > 0 {
-                    json.push(',');
-                }
-                json.push_str(int.format(*v));
+    let mut json = String::with_capacity(rows.len() * (N * 8 + 4) + 2);
+    let mut int = itoa::Buffer::new();
+    json.push('[');
+    for (i, row) in rows.iter().enumerate() {
+        json.push_str(if i == 0 { "[" } else { ",[" });
+        for (j, v) in row.iter().enumerate() {
+            if j > 0 {
+                json.push(',');
             }
-            json.push(']');
+            json.push_str(int.format(*v));
         }
         json.push(']');
-        conn.execute_raw(Statement::from_sql_and_values(
-            DbBackend::Sqlite,
-            cached_sqlite_upsert_sql(level),
-            [Value::from(json)],
-        ))
-        .await?;
-        return Ok(());
     }
-    let mut rest = rows.as_slice();
-    while !rest.is_empty() {
-        let take = if rest.len() >= UPSERT_MAX_ROWS {
-            UPSERT_MAX_ROWS
-        } else {
-            1 << (usize::BITS - 1 - rest.len().leading_zeros())
-        };
-        let (chunk, tail) = rest.split_at(take);
-        let values: Vec<Value> = chunk
-            .iter()
-            .flat_map(|row| {
-                // The key's last column is the treatment, a SMALLINT; the count is a BIGINT.
-                row.iter().enumerate().map(|(i, v)| match i {
-                    0 => Value::from(*v),
-                    i if i == N - 2 => Value::from(*v as i16),
-                    i if i == N - 1 => Value::from(*v),
-                    _ => Value::from(*v as i32),
-                })
-            })
-            .collect();
-        let sql = cached_upsert_sql(DbBackend::Postgres, level, take);
-        conn.execute_raw(Statement::from_sql_and_values(
-            DbBackend::Postgres,
-            sql,
-            values,
-        ))
-        .await?;
-        rest = tail;
-    }
+    json.push(']');
+    conn.execute_raw(Statement::from_sql_and_values(
+        DbBackend::Sqlite,
+        cached_sqlite_upsert_sql(level),
+        [Value::from(json)],
+    ))
+    .await?;
     Ok(())
 }
 
@@ -448,20 +364,16 @@ mod tests {
 
     #[test]
     fn upsert_statements_add_to_existing_counts() {
-        let sql = upsert_sql(DbBackend::Postgres, Level::Outlet, 2);
         assert_eq!(
-            sql,
+            sqlite_upsert_sql(Level::Outlet),
             "INSERT INTO stats_hourly_outlets (bucket_hour, outlet_id, treatment, count) \
-             VALUES ($1, $2, $3, $4), ($5, $6, $7, $8) ON CONFLICT (bucket_hour, outlet_id, \
-             treatment) DO UPDATE SET count = stats_hourly_outlets.count + excluded.count"
+             SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3 FROM json_each(?) \
+             WHERE true ON CONFLICT (bucket_hour, outlet_id, treatment) DO UPDATE SET \
+             count = stats_hourly_outlets.count + excluded.count"
         );
         assert_eq!(
-            cached_upsert_sql(DbBackend::Sqlite, Level::Fleet, 4),
-            upsert_sql(DbBackend::Sqlite, Level::Fleet, 4)
-        );
-        assert_eq!(
-            cached_upsert_sql(DbBackend::Postgres, Level::Device, 128),
-            upsert_sql(DbBackend::Postgres, Level::Device, 128)
+            cached_sqlite_upsert_sql(Level::Fleet),
+            sqlite_upsert_sql(Level::Fleet)
         );
     }
 }
