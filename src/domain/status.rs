@@ -206,7 +206,7 @@ pub async fn record_many(
     }
     let backend = conn.get_database_backend();
     if backend == DbBackend::Postgres && updates.len() > NETWORK_STATUS_ROWS {
-        // Statements that fit one network write (see `events::NETWORK_STATEMENT_BYTES`).
+        // Statements that fit one network write (see `Db::statement_bytes`).
         for chunk in updates.chunks(NETWORK_STATUS_ROWS) {
             let done = Box::pin(record_many(conn, chunk, now, memo)).await?;
             writes.firmware.extend(done.firmware);

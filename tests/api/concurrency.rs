@@ -328,3 +328,49 @@ async fn a_result_at_one_replica_for_a_command_handed_out_by_the_other() {
     let r = two.report(&d, cid, json!({"success": true})).await;
     assert_eq!(r.body["status"], "executed");
 }
+
+/// Whether this app's own database connection uses TLS (PostgreSQL).
+async fn uses_tls(app: &TestApp) -> bool {
+    use sea_orm::ConnectionTrait;
+    app.db()
+        .query_one_raw(sea_orm::Statement::from_string(
+            sea_orm::DbBackend::Postgres,
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+        ))
+        .await
+        .expect("pg_stat_ssl")
+        .expect("row")
+        .try_get::<bool>("", "ssl")
+        .expect("ssl")
+}
+
+/// A URL that asks for TLS (`sslmode=require`) gets it, and the app works through it; one that
+/// does not choose reaches a server on this machine without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_over_tls_when_the_url_asks_for_it() {
+    if !on_postgres() {
+        eprintln!("SKIPPED: TLS to PostgreSQL needs PostgreSQL (set OZONE_TEST_DATABASE_URL)");
+        return;
+    }
+    let app = spawn_app().await;
+    let url = app.database_url.clone();
+    if !url.contains("sslmode") && (url.contains("@127.0.0.1") || url.contains("@localhost")) {
+        assert!(!uses_tls(&app).await, "loopback without sslmode: no TLS");
+    }
+    let separator = if url.contains('?') { '&' } else { '?' };
+    let tls = app
+        .replica_at(format!("{url}{separator}sslmode=require"))
+        .await;
+    assert!(uses_tls(&tls).await, "sslmode=require: TLS");
+    let device = tls.handshake("02:00:00:00:0A:01").await;
+    let reply = tls
+        .post_event(&device, "tls-1", json!({"treatment": "BASIC"}))
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let stored = ozone::db::entities::telemetry_event::Entity::find()
+        .filter(ozone::db::entities::telemetry_event::Column::EventId.eq("tls-1"))
+        .count(app.db())
+        .await
+        .expect("count");
+    assert_eq!(stored, 1);
+}

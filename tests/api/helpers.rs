@@ -138,6 +138,15 @@ impl TestApp {
         };
         spawn_app_on(self.database_url.clone(), resources, configure).await
     }
+
+    /// A second application instance on this app's database, reached through `url`.
+    pub async fn replica_at(&self, url: String) -> TestApp {
+        let resources = TestResources {
+            _dir: tempfile::tempdir().expect("temp dir"),
+            _database: None,
+        };
+        spawn_app_on(url, resources, |_| {}).await
+    }
 }
 
 async fn spawn_app_on(

@@ -509,7 +509,7 @@ async fn prepare_batch(db: &Db, events: &[&NewEvent]) -> Result<Prepared> {
     let mut inserted: HashSet<(i32, String)> = HashSet::with_capacity(candidates.len());
     match txn.get_database_backend() {
         DbBackend::Postgres => {
-            for rows in json_rows(&candidates, &attribution, NETWORK_STATEMENT_BYTES)? {
+            for rows in json_rows(&candidates, &attribution, db.statement_bytes())? {
                 inserted.extend(insert_json_rows(&*txn, rows).await?);
             }
         }
@@ -637,12 +637,6 @@ impl Finished {
 /// event (the copy conflicts with the original and is skipped), so only eight statement shapes
 /// exist and all of them stay prepared.
 const INSERT_MAX_ROWS: usize = 128;
-
-/// Most bytes of parameters one statement sends to a networked database. sqlx 0.9 leaves
-/// Nagle's algorithm on: a message written in two pieces (a TLS connection cuts records at
-/// 16 KiB) waits for the server's delayed ACK, some 40 ms, before its tail leaves. Statements
-/// that fit one record leave at once.
-pub const NETWORK_STATEMENT_BYTES: usize = 12 * 1024;
 
 /// SQLite: events per `INSERT`, at most [`INSERT_MAX_ROWS`] each.
 fn insert_chunks<'a, 'e>(events: &'a [&'e NewEvent]) -> std::slice::Chunks<'a, &'e NewEvent> {
@@ -884,6 +878,7 @@ async fn insert_events(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::db::NETWORK_STATEMENT_BYTES;
     use crate::domain::events::EventKind;
 
     fn event(payload: usize) -> NewEvent {
