@@ -7,6 +7,7 @@ mod m20261127_000001_create_schema;
 mod m20261202_000001_ordered_state;
 mod m20261202_000002_staff;
 mod m20261202_000005_rollup;
+mod m20261203_000001_event_references;
 
 pub struct Migrator;
 
@@ -18,6 +19,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261202_000001_ordered_state::Migration),
             Box::new(m20261202_000002_staff::Migration),
             Box::new(m20261202_000005_rollup::Migration),
+            Box::new(m20261203_000001_event_references::Migration),
         ]
     }
 }

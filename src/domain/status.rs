@@ -141,13 +141,19 @@ pub async fn record(
     let mut update = DeviceUpdate::default();
     update.seen_at(now);
     update.report(report, Stamp::of(now, now));
-    record_many(conn, &[(device, update)], now, &DeviceMemo::default())
-        .await
-        .map(|_| ())
+    record_many(
+        conn,
+        &[(device, update)],
+        now,
+        &DeviceMemo::default(),
+        crate::db::NETWORK_STATEMENT_BYTES,
+    )
+    .await
+    .map(|_| ())
 }
 
-/// Status rows per statement to a networked database: about 8 KiB of parameters.
-const NETWORK_STATUS_ROWS: usize = 32;
+/// Parameter bytes of one status row, an upper bound (16 parameters, most of them 8 bytes).
+const STATUS_ROW_BYTES: usize = 256;
 
 /// `devices.last_seen` is kept to this resolution; `device_status.last_seen` is exact.
 const DEVICE_SEEN_RESOLUTION: Duration = Duration::seconds(60);
@@ -193,22 +199,26 @@ impl DeviceMemo {
 /// FROM (VALUES …)` for the status rows, where every part only moves forward (contact times;
 /// counters and other fields only from a report newer than the one they hold), and one for
 /// `devices.last_seen`, skipping what `memo` says is already written; returns the writes made,
-/// for the caller's memo once committed.
+/// for the caller's memo once committed. On PostgreSQL a statement carries at most
+/// `statement_bytes` of parameters (see `Db::statement_bytes`); more updates take several.
 pub async fn record_many(
     conn: &impl ConnectionTrait,
     updates: &[(i32, DeviceUpdate)],
     now: DateTime<Utc>,
     memo: &DeviceMemo,
+    statement_bytes: usize,
 ) -> Result<DeviceMemo> {
     let mut writes = DeviceMemo::default();
     if updates.is_empty() {
         return Ok(writes);
     }
     let backend = conn.get_database_backend();
-    if backend == DbBackend::Postgres && updates.len() > NETWORK_STATUS_ROWS {
-        // Statements that fit one network write (see `Db::statement_bytes`).
-        for chunk in updates.chunks(NETWORK_STATUS_ROWS) {
-            let done = Box::pin(record_many(conn, chunk, now, memo)).await?;
+    // Padded to a power of two below, so the largest statement is the largest power of two
+    // that fits.
+    let max_rows = 1usize << (statement_bytes / STATUS_ROW_BYTES).max(1).ilog2();
+    if backend == DbBackend::Postgres && updates.len() > max_rows {
+        for chunk in updates.chunks(max_rows) {
+            let done = Box::pin(record_many(conn, chunk, now, memo, statement_bytes)).await?;
             writes.firmware.extend(done.firmware);
             writes.seen.extend(done.seen);
         }

@@ -374,3 +374,95 @@ async fn postgres_over_tls_when_the_url_asks_for_it() {
         .expect("count");
     assert_eq!(stored, 1);
 }
+
+/// An event refers only to a device, machine and outlet that exist, whoever writes it: a device
+/// with events cannot be deleted, and deleting a machine clears its events' reference (on
+/// SQLite by foreign keys, on PostgreSQL by triggers that check each insert statement once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_refer_only_to_rows_that_exist() {
+    use sea_orm::ConnectionTrait;
+
+    let app = spawn_app().await;
+    let d = app.handshake("EC:E3:34:46:2B:D0").await;
+    let (machine, outlet) =
+        crate::helpers::bind_at(&app, &d, "M-REF", Some("O-REF"), "2025-09-01T00:00:00Z").await;
+    let outlet = outlet.unwrap();
+    let reply = app.post_event(&d, "ref-1", json!({})).await;
+    assert_eq!(reply.body, json!({"ack": true, "event_id": "ref-1"}));
+    let stored = telemetry_event::Entity::find()
+        .one(app.db())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (stored.machine_id, stored.outlet_id),
+        (Some(machine), Some(outlet)),
+        "the event is attributed to its machine and outlet"
+    );
+    let dev = stored.device_id;
+
+    let insert = |device: i32, machine: i32, outlet: i32, event_id: &str| {
+        format!(
+            "INSERT INTO telemetry_events (device_id, event_id, event, occurred_at, \
+             occurred_epoch, received_at, machine_id, outlet_id) VALUES ({device}, \
+             '{event_id}', 'treatment', '2026-01-01T00:00:00Z', 1767225600, \
+             '2026-01-01T00:00:00Z', {machine}, {outlet})"
+        )
+    };
+    let db = app.db();
+    for (sql, what) in [
+        (
+            insert(dev + 1000, machine, outlet, "x-1"),
+            "a missing device",
+        ),
+        (
+            insert(dev, machine + 1000, outlet, "x-2"),
+            "a missing machine",
+        ),
+        (
+            insert(dev, machine, outlet + 1000, "x-3"),
+            "a missing outlet",
+        ),
+    ] {
+        let err = db
+            .execute_unprepared(&sql)
+            .await
+            .expect_err(&format!("an event for {what} is refused"));
+        assert!(
+            err.to_string().to_lowercase().contains("foreign key"),
+            "{what}: {err}"
+        );
+    }
+    db.execute_unprepared(&insert(dev, machine, outlet, "x-4"))
+        .await
+        .expect("an event for rows that exist is stored");
+
+    let err = db
+        .execute_unprepared(&format!("DELETE FROM devices WHERE id = {}", dev))
+        .await
+        .expect_err("a device with events stays");
+    assert!(
+        err.to_string().to_lowercase().contains("foreign key"),
+        "{err}"
+    );
+
+    db.execute_unprepared(&format!(
+        "DELETE FROM machine_devices WHERE machine_id = {machine}"
+    ))
+    .await
+    .unwrap();
+    db.execute_unprepared(&format!(
+        "DELETE FROM machine_outlets WHERE machine_id = {machine}"
+    ))
+    .await
+    .unwrap();
+    db.execute_unprepared(&format!("DELETE FROM machines WHERE id = {machine}"))
+        .await
+        .unwrap();
+    let left = telemetry_event::Entity::find()
+        .filter(telemetry_event::Column::MachineId.is_not_null())
+        .count(db)
+        .await
+        .unwrap();
+    assert_eq!(left, 0, "no event refers to the deleted machine");
+}

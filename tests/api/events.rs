@@ -464,6 +464,7 @@ async fn status_reports_of_many_devices_are_recorded_in_one_statement() {
         ],
         now,
         &Default::default(),
+        app.state.db.statement_bytes(),
     )
     .await
     .unwrap();

@@ -390,7 +390,8 @@ async fn commit_contacts(
     updates.sort_unstable_by_key(|(device, _)| *device);
     let result = async {
         let txn = db.begin_write().await?;
-        let writes = status::record_many(&*txn, &updates, Utc::now(), memo).await?;
+        let writes =
+            status::record_many(&*txn, &updates, Utc::now(), memo, db.statement_bytes()).await?;
         txn.commit().await?;
         Ok::<_, Error>(writes)
     }
@@ -436,6 +437,7 @@ async fn commit_batch(
 /// A batch begun and its events inserted; the rows batches share are not written yet.
 struct Prepared {
     txn: WriteTxn,
+    statement_bytes: usize,
     now: DateTime<Utc>,
     attribution: Attribution,
     inserted: HashSet<(i32, String)>,
@@ -522,6 +524,7 @@ async fn prepare_batch(db: &Db, events: &[&NewEvent]) -> Result<Prepared> {
     let elapsed = started.elapsed();
     Ok(Prepared {
         txn,
+        statement_bytes: db.statement_bytes(),
         now,
         attribution,
         inserted,
@@ -550,6 +553,7 @@ impl Prepared {
     ) -> Result<Finished> {
         let Prepared {
             txn,
+            statement_bytes,
             now,
             attribution,
             inserted,
@@ -574,7 +578,7 @@ impl Prepared {
         // order as this one.
         let mut updates: Vec<(i32, status::DeviceUpdate)> = updates.into_iter().collect();
         updates.sort_unstable_by_key(|(device, _)| *device);
-        let writes = status::record_many(&*txn, &updates, now, memo).await?;
+        let writes = status::record_many(&*txn, &updates, now, memo, statement_bytes).await?;
         timings.shared = timings.started.elapsed();
 
         let mut claimed: HashSet<(i32, &str)> = HashSet::with_capacity(events.len());
