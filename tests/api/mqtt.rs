@@ -20,7 +20,8 @@ use ozone::{
 
 use crate::helpers::{spawn_mqtt_app, Device, TestApp};
 
-const WAIT: Duration = Duration::from_secs(5);
+/// How long a reply may take: generous, for a shared CI machine running the suite in parallel.
+const WAIT: Duration = Duration::from_secs(15);
 
 /// What a test client sees.
 #[derive(Debug)]
