@@ -48,17 +48,15 @@ pub struct Counted {
     pub treatment: Treatment,
 }
 
-/// Adds to the rollup the treatments among `candidates` that this transaction inserted
-/// (`inserted`), attributed as they were stored. Called by the event writer right after its
-/// insert, inside the same transaction.
-pub async fn record_inserted(
-    conn: &impl ConnectionTrait,
-    candidates: &[&NewEvent],
-    inserted: &HashSet<(i32, String)>,
-    attribution: &Attribution,
-) -> Result<()> {
+/// The treatments among `candidates` that this transaction inserted (`inserted`), attributed
+/// as they were stored.
+pub fn inserted<'a>(
+    candidates: &'a [&'a NewEvent],
+    inserted: &'a HashSet<(i32, String)>,
+    attribution: &'a Attribution,
+) -> impl Iterator<Item = Counted> + 'a {
     let new: HashSet<(i32, &str)> = inserted.iter().map(|(d, e)| (*d, e.as_str())).collect();
-    let counted = candidates.iter().filter_map(|e| {
+    candidates.iter().filter_map(move |e| {
         let treatment = e.treatment.filter(|_| e.kind == EventKind::Treatment)?;
         if !new.contains(&(e.device, e.event_id.as_str())) {
             return None;
@@ -71,8 +69,57 @@ pub async fn record_inserted(
             outlet,
             treatment,
         })
-    });
-    add(conn, counted).await
+    })
+}
+
+/// Adds to the rollup the treatments among `candidates` that this transaction inserted
+/// (`inserted`), attributed as they were stored. Called by the event writer right after its
+/// insert, inside the same transaction.
+pub async fn record_inserted(
+    conn: &impl ConnectionTrait,
+    candidates: &[&NewEvent],
+    inserted: &HashSet<(i32, String)>,
+    attribution: &Attribution,
+) -> Result<()> {
+    add(conn, self::inserted(candidates, inserted, attribution)).await
+}
+
+/// One upsert row per distinct key of each level: (hour, device, machine, outlet, treatment),
+/// (hour, outlet, treatment) and (hour, treatment), in key order.
+struct Levels {
+    devices: BTreeMap<(i64, i32, i32, i32, i16), i64>,
+    outlets: BTreeMap<(i64, i32, i16), i64>,
+    fleet: BTreeMap<(i64, i16), i64>,
+}
+
+impl Levels {
+    fn of(treatments: impl IntoIterator<Item = Counted>) -> Option<Levels> {
+        let mut devices: BTreeMap<(i64, i32, i32, i32, i16), i64> = BTreeMap::new();
+        for t in treatments {
+            let key = (
+                t.occurred_epoch.div_euclid(HOUR) * HOUR,
+                t.device,
+                t.machine.unwrap_or(0),
+                t.outlet.unwrap_or(0),
+                treatment_code(t.treatment),
+            );
+            *devices.entry(key).or_default() += 1;
+        }
+        if devices.is_empty() {
+            return None;
+        }
+        let mut outlets: BTreeMap<(i64, i32, i16), i64> = BTreeMap::new();
+        let mut fleet: BTreeMap<(i64, i16), i64> = BTreeMap::new();
+        for (&(hour, _, _, outlet, treatment), &n) in &devices {
+            *outlets.entry((hour, outlet, treatment)).or_default() += n;
+            *fleet.entry((hour, treatment)).or_default() += n;
+        }
+        Some(Levels {
+            devices,
+            outlets,
+            fleet,
+        })
+    }
 }
 
 /// Adds treatments to all three rollup levels: one upsert row per distinct key, in key order
@@ -81,30 +128,23 @@ pub async fn add(
     conn: &impl ConnectionTrait,
     treatments: impl IntoIterator<Item = Counted>,
 ) -> Result<()> {
-    // Keys in the tables' own order: (hour, device, machine, outlet, treatment).
-    let mut devices: BTreeMap<(i64, i32, i32, i32, i16), i64> = BTreeMap::new();
-    for t in treatments {
-        let key = (
-            t.occurred_epoch.div_euclid(HOUR) * HOUR,
-            t.device,
-            t.machine.unwrap_or(0),
-            t.outlet.unwrap_or(0),
-            treatment_code(t.treatment),
-        );
-        *devices.entry(key).or_default() += 1;
-    }
-    if devices.is_empty() {
+    let Some(levels) = Levels::of(treatments) else {
+        return Ok(());
+    };
+    if conn.get_database_backend() == DbBackend::Postgres {
+        conn.execute_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            format!("WITH {POSTGRES_UPSERT} SELECT 1"),
+            postgres_values(&levels),
+        ))
+        .await?;
         return Ok(());
     }
-    let mut outlets: BTreeMap<(i64, i32, i16), i64> = BTreeMap::new();
-    let mut fleet: BTreeMap<(i64, i16), i64> = BTreeMap::new();
-    for (&(hour, _, _, outlet, treatment), &n) in &devices {
-        *outlets.entry((hour, outlet, treatment)).or_default() += n;
-        *fleet.entry((hour, treatment)).or_default() += n;
-    }
-    if conn.get_database_backend() == DbBackend::Postgres {
-        return upsert_json(conn, &devices, &outlets, &fleet).await;
-    }
+    let Levels {
+        devices,
+        outlets,
+        fleet,
+    } = levels;
     upsert(
         conn,
         Level::Device,
@@ -135,34 +175,39 @@ pub async fn add(
     Ok(())
 }
 
-/// PostgreSQL: all three levels in one statement (one round trip, one shape whatever the
-/// number of keys); each level's rows travel as a JSON array, in key order.
-async fn upsert_json(
-    conn: &impl ConnectionTrait,
-    devices: &BTreeMap<(i64, i32, i32, i32, i16), i64>,
-    outlets: &BTreeMap<(i64, i32, i16), i64>,
-    fleet: &BTreeMap<(i64, i16), i64>,
-) -> Result<()> {
-    const SQL: &str = "WITH d AS (INSERT INTO stats_hourly \
-        (bucket_hour, device_id, machine_id, outlet_id, treatment, count) \
-        SELECT r.* FROM json_to_recordset(CAST($1 AS JSON)) AS r(bucket_hour BIGINT, \
-        device_id INTEGER, machine_id INTEGER, outlet_id INTEGER, treatment SMALLINT, \
-        count BIGINT) \
-        ON CONFLICT (bucket_hour, device_id, machine_id, outlet_id, treatment) \
-        DO UPDATE SET count = stats_hourly.count + excluded.count), \
-        o AS (INSERT INTO stats_hourly_outlets (bucket_hour, outlet_id, treatment, count) \
-        SELECT r.* FROM json_to_recordset(CAST($2 AS JSON)) AS r(bucket_hour BIGINT, \
-        outlet_id INTEGER, treatment SMALLINT, count BIGINT) \
-        ON CONFLICT (bucket_hour, outlet_id, treatment) \
-        DO UPDATE SET count = stats_hourly_outlets.count + excluded.count) \
-        INSERT INTO stats_hourly_fleet (bucket_hour, treatment, count) \
-        SELECT r.* FROM json_to_recordset(CAST($3 AS JSON)) AS r(bucket_hour BIGINT, \
-        treatment SMALLINT, count BIGINT) \
-        ON CONFLICT (bucket_hour, treatment) \
-        DO UPDATE SET count = stats_hourly_fleet.count + excluded.count";
+/// PostgreSQL: all three levels as data-modifying `WITH` queries over `$1`-`$3` (each level's
+/// rows as a JSON array, in key order), which a statement runs whatever its main part: one
+/// shape whatever the number of keys, and no round trip of its own when another statement
+/// carries it.
+pub const POSTGRES_UPSERT: &str = "rollup_devices AS (INSERT INTO stats_hourly \
+    (bucket_hour, device_id, machine_id, outlet_id, treatment, count) \
+    SELECT r.* FROM json_to_recordset(CAST($1 AS JSON)) AS r(bucket_hour BIGINT, \
+    device_id INTEGER, machine_id INTEGER, outlet_id INTEGER, treatment SMALLINT, \
+    count BIGINT) \
+    ON CONFLICT (bucket_hour, device_id, machine_id, outlet_id, treatment) \
+    DO UPDATE SET count = stats_hourly.count + excluded.count), \
+    rollup_outlets AS (INSERT INTO stats_hourly_outlets (bucket_hour, outlet_id, treatment, count) \
+    SELECT r.* FROM json_to_recordset(CAST($2 AS JSON)) AS r(bucket_hour BIGINT, \
+    outlet_id INTEGER, treatment SMALLINT, count BIGINT) \
+    ON CONFLICT (bucket_hour, outlet_id, treatment) \
+    DO UPDATE SET count = stats_hourly_outlets.count + excluded.count), \
+    rollup_fleet AS (INSERT INTO stats_hourly_fleet (bucket_hour, treatment, count) \
+    SELECT r.* FROM json_to_recordset(CAST($3 AS JSON)) AS r(bucket_hour BIGINT, \
+    treatment SMALLINT, count BIGINT) \
+    ON CONFLICT (bucket_hour, treatment) \
+    DO UPDATE SET count = stats_hourly_fleet.count + excluded.count)";
+
+/// PostgreSQL: the parameters of [`POSTGRES_UPSERT`] for `treatments`; `None` when there is
+/// nothing to count.
+pub fn postgres_upsert(treatments: impl IntoIterator<Item = Counted>) -> Option<Vec<Value>> {
+    Levels::of(treatments).map(|levels| postgres_values(&levels))
+}
+
+fn postgres_values(levels: &Levels) -> Vec<Value> {
     let json = |rows: Vec<serde_json::Value>| serde_json::Value::Array(rows).to_string();
     let devices = json(
-        devices
+        levels
+            .devices
             .iter()
             .map(|(&(h, d, m, o, t), &n)| {
                 serde_json::json!({"bucket_hour": h, "device_id": d, "machine_id": m,
@@ -171,7 +216,8 @@ async fn upsert_json(
             .collect(),
     );
     let outlets = json(
-        outlets
+        levels
+            .outlets
             .iter()
             .map(|(&(h, o, t), &n)| {
                 serde_json::json!({"bucket_hour": h, "outlet_id": o, "treatment": t, "count": n})
@@ -179,18 +225,13 @@ async fn upsert_json(
             .collect(),
     );
     let fleet = json(
-        fleet
+        levels
+            .fleet
             .iter()
             .map(|(&(h, t), &n)| serde_json::json!({"bucket_hour": h, "treatment": t, "count": n}))
             .collect(),
     );
-    conn.execute_raw(Statement::from_sql_and_values(
-        DbBackend::Postgres,
-        SQL,
-        [devices.into(), outlets.into(), fleet.into()],
-    ))
-    .await?;
-    Ok(())
+    vec![devices.into(), outlets.into(), fleet.into()]
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

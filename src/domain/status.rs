@@ -208,17 +208,64 @@ pub async fn record_many(
     memo: &DeviceMemo,
     statement_bytes: usize,
 ) -> Result<DeviceMemo> {
+    record_many_carrying(conn, updates, now, memo, statement_bytes, None).await
+}
+
+/// Data-modifying `WITH` queries (PostgreSQL) that a status statement runs along, saving
+/// them a round trip: `ctes` names its parameters `$1`… in the order of `values`.
+pub struct Carried {
+    pub ctes: &'static str,
+    pub values: Vec<Value>,
+}
+
+/// [`record_many`], with `carried` run by the first status statement (PostgreSQL only).
+pub async fn record_many_carrying(
+    conn: &impl ConnectionTrait,
+    updates: &[(i32, DeviceUpdate)],
+    now: DateTime<Utc>,
+    memo: &DeviceMemo,
+    statement_bytes: usize,
+    carried: Option<Carried>,
+) -> Result<DeviceMemo> {
     let mut writes = DeviceMemo::default();
+    let backend = conn.get_database_backend();
     if updates.is_empty() {
+        if let Some(carried) = carried {
+            conn.execute_raw(Statement::from_sql_and_values(
+                backend,
+                format!("WITH {} SELECT 1", carried.ctes),
+                carried.values,
+            ))
+            .await?;
+        }
         return Ok(writes);
     }
-    let backend = conn.get_database_backend();
+    let carried = carried.filter(|_| backend == DbBackend::Postgres);
     // Padded to a power of two below, so the largest statement is the largest power of two
-    // that fits.
-    let max_rows = 1usize << (statement_bytes / STATUS_ROW_BYTES).max(1).ilog2();
+    // that fits beside what it carries.
+    let carried_bytes: usize = carried.as_ref().map_or(0, |c| {
+        c.values
+            .iter()
+            .map(|v| match v {
+                Value::String(Some(s)) => s.len(),
+                _ => 8,
+            })
+            .sum()
+    });
+    let room = statement_bytes.saturating_sub(carried_bytes) / STATUS_ROW_BYTES;
+    let max_rows = 1usize << room.max(1).ilog2();
     if backend == DbBackend::Postgres && updates.len() > max_rows {
+        let mut carried = carried;
         for chunk in updates.chunks(max_rows) {
-            let done = Box::pin(record_many(conn, chunk, now, memo, statement_bytes)).await?;
+            let done = Box::pin(record_many_carrying(
+                conn,
+                chunk,
+                now,
+                memo,
+                statement_bytes,
+                carried.take(),
+            ))
+            .await?;
             writes.firmware.extend(done.firmware);
             writes.seen.extend(done.seen);
         }
@@ -227,7 +274,12 @@ pub async fn record_many(
     // Rows are padded to a power of two with copies of the last one (identical updates, which
     // change nothing the second time), so that few statement shapes recur and stay prepared.
     let rows = updates.len().next_power_of_two();
-    let mut values: Vec<Value> = vec![now.into()];
+    let (ctes, mut values) = match carried {
+        Some(c) => (Some((c.ctes, c.values.len())), c.values),
+        None => (None, Vec::new()),
+    };
+    let own = values.len();
+    values.push(now.into());
     for i in 0..rows {
         let (device, u) = &updates[i.min(updates.len() - 1)];
         let counters = u.counters.map(|(c, _)| c);
@@ -251,18 +303,24 @@ pub async fn record_many(
             u.reset.map(|s| s.at).into(),
         ]);
     }
-    let sql = status_update_sql(backend, rows);
+    let sql = status_update_sql(backend, rows, ctes);
     let updated = conn
         .execute_raw(Statement::from_sql_and_values(backend, sql, values.clone()))
         .await?
         .rows_affected();
     if updated < updates.len() as u64 {
-        // A device registered before it had a status row gets one, then the update again.
+        // A device registered before it had a status row gets one, then the update again
+        // (without what the first statement carried: that is done).
         for (device, _) in updates {
             devices::ensure_status(conn, *device, now).await?;
         }
-        conn.execute_raw(Statement::from_sql_and_values(backend, sql, values))
-            .await?;
+        let own_values = values.split_off(own);
+        conn.execute_raw(Statement::from_sql_and_values(
+            backend,
+            status_update_sql(backend, rows, None),
+            own_values,
+        ))
+        .await?;
     }
 
     let ids: Vec<i32> = updates
@@ -336,11 +394,17 @@ const UPDATE_COLUMNS: [(&str, &str); 15] = [
 ];
 
 /// `UPDATE … FROM (VALUES …)`: SQLite (3.33+) and PostgreSQL both name the columns of a
-/// `VALUES` list `column1…N`, so one text serves both, placeholders and types aside.
-fn status_update_sql(backend: DbBackend, rows: usize) -> &'static str {
+/// `VALUES` list `column1…N`, so one text serves both, placeholders and types aside. With
+/// `ctes` (their text and number of parameters), the statement runs them first.
+fn status_update_sql(
+    backend: DbBackend,
+    rows: usize,
+    ctes: Option<(&'static str, usize)>,
+) -> &'static str {
     use std::sync::OnceLock;
-    static SQLITE: OnceLock<std::sync::Mutex<HashMap<usize, &'static str>>> = OnceLock::new();
-    static POSTGRES: OnceLock<std::sync::Mutex<HashMap<usize, &'static str>>> = OnceLock::new();
+    type Shapes = std::sync::Mutex<HashMap<(usize, Option<&'static str>), &'static str>>;
+    static SQLITE: OnceLock<Shapes> = OnceLock::new();
+    static POSTGRES: OnceLock<Shapes> = OnceLock::new();
     let cell = match backend {
         DbBackend::Postgres => &POSTGRES,
         _ => &SQLITE,
@@ -350,12 +414,19 @@ fn status_update_sql(backend: DbBackend, rows: usize) -> &'static str {
         .lock()
         .unwrap_or_else(|e| e.into_inner());
     cache
-        .entry(rows)
-        .or_insert_with(|| Box::leak(build_status_update_sql(backend, rows).into_boxed_str()))
+        .entry((rows, ctes.map(|(text, _)| text)))
+        .or_insert_with(|| {
+            let mut sql = build_status_update_sql(backend, rows, ctes.map_or(0, |(_, n)| n));
+            if let Some((text, _)) = ctes {
+                sql = format!("WITH {text} {sql}");
+            }
+            Box::leak(sql.into_boxed_str())
+        })
 }
 
-fn build_status_update_sql(backend: DbBackend, rows: usize) -> String {
-    let mut n = 0;
+/// The statement's own parameters are numbered from `first + 1`.
+fn build_status_update_sql(backend: DbBackend, rows: usize, first: usize) -> String {
+    let mut n = first;
     let mut next = || {
         n += 1;
         placeholder(backend, n)
