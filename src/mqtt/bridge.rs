@@ -115,25 +115,55 @@ pub fn status(edge: &Arc<Edge>, session: &Arc<Session>, payload: Bytes) {
     });
 }
 
-/// Publishes a device's deliverable commands (with `include_sent`, also those sent before and
-/// still without a result) and marks the pending ones `sent` over MQTT.
-pub fn deliver(edge: &Arc<Edge>, device: i32, include_sent: bool) {
+/// Which commands a delivery publishes.
+#[derive(Debug, Clone, Copy)]
+pub enum Delivery {
+    /// Those not sent yet, to the device's current connection.
+    New,
+    /// Every open one, also those sent before and still without a result: what a connection
+    /// (this generation of the device's session) gets when it subscribes, unless another
+    /// connection has taken over since (that one gets its own).
+    OnSubscribe(u64),
+}
+
+/// Publishes a device's deliverable commands and marks the pending ones `sent` over MQTT.
+pub fn deliver(edge: &Arc<Edge>, device: i32, delivery: Delivery) {
     let edge2 = edge.clone();
     edge.main.spawn(async move {
-        if let Err(err) = deliver_now(&edge2, device, include_sent).await {
+        if let Err(err) = deliver_now(&edge2, device, delivery).await {
             tracing::warn!(device, error = %err, "MQTT command delivery failed");
         }
     });
 }
 
-async fn deliver_now(edge: &Edge, device: i32, include_sent: bool) -> crate::Result<()> {
+async fn deliver_now(edge: &Edge, device: i32, delivery: Delivery) -> crate::Result<()> {
+    // The connection is looked up once the lock is held: one that took over meanwhile is the
+    // one delivered to.
+    let _one_at_a_time = edge.sessions.delivering(device).await;
     let Some(session) = edge.sessions.get(device) else {
         return Ok(());
     };
     if !session.commands.load(std::sync::atomic::Ordering::Acquire) {
         return Ok(());
     }
-    let _one_at_a_time = session.delivering.lock().await;
+    let include_sent = match delivery {
+        // The subscribe's own delivery, queued behind this one, takes them all (once).
+        Delivery::New
+            if session
+                .resubscribed
+                .load(std::sync::atomic::Ordering::Acquire) =>
+        {
+            return Ok(());
+        }
+        Delivery::New => false,
+        Delivery::OnSubscribe(generation) if generation == session.generation() => {
+            session
+                .resubscribed
+                .store(false, std::sync::atomic::Ordering::Release);
+            true
+        }
+        Delivery::OnSubscribe(_) => return Ok(()),
+    };
     let state = &edge.state;
     let due = commands::push_due(
         &state.db,
@@ -167,10 +197,10 @@ pub async fn watch_commands(edge: Arc<Edge>, interval: Duration, mut stop: watch
     loop {
         tokio::select! {
             received = notifications.recv() => match received {
-                Ok(Notification::CommandQueued { device, .. }) => deliver(&edge, device, false),
+                Ok(Notification::CommandQueued { device, .. }) => deliver(&edge, device, Delivery::New),
                 // An assignment in this process: the device's waiting commands may go now.
                 Ok(Notification::DeviceChanged { device }) if edge.sessions.get(device).is_some() => {
-                    deliver(&edge, device, false)
+                    deliver(&edge, device, Delivery::New)
                 }
                 Ok(_) => {}
                 Err(RecvError::Lagged(_)) => sweep_pending(&edge).await,
@@ -192,7 +222,7 @@ async fn sweep_pending(edge: &Arc<Edge>) {
             let devices: HashSet<i32> = devices.into_iter().collect();
             for session in edge.sessions.subscribed() {
                 if devices.contains(&session.device.id) {
-                    deliver(edge, session.device.id, false);
+                    deliver(edge, session.device.id, Delivery::New);
                 }
             }
         }

@@ -64,8 +64,8 @@ pub struct Session {
     ready: Notify,
     pub commands: AtomicBool,
     pub acks: AtomicBool,
-    /// Serialises command deliveries to this device.
-    pub delivering: tokio::sync::Mutex<()>,
+    /// A subscribe to commands whose delivery has not run yet.
+    pub resubscribed: AtomicBool,
 }
 
 impl Session {
@@ -89,6 +89,11 @@ impl Session {
         true
     }
 
+    /// Tells this connection of the device from those before and after it.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
     fn outbox(&self) -> std::sync::MutexGuard<'_, Outbox> {
         self.outbox.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -110,14 +115,37 @@ impl Session {
     }
 }
 
+/// Locks that serialise command deliveries per device (a device always maps to the same one).
+const DELIVERY_LOCKS: usize = 64;
+
 /// The connected devices, by primary key.
-#[derive(Default)]
 pub struct Sessions {
     map: Mutex<HashMap<i32, Arc<Session>>>,
     generation: AtomicU64,
+    delivering: [tokio::sync::Mutex<()>; DELIVERY_LOCKS],
+}
+
+impl Default for Sessions {
+    fn default() -> Sessions {
+        Sessions {
+            map: Mutex::default(),
+            generation: AtomicU64::new(0),
+            delivering: std::array::from_fn(|_| tokio::sync::Mutex::new(())),
+        }
+    }
 }
 
 impl Sessions {
+    /// Serialises command deliveries to `device`, across its connections: a delivery that
+    /// began for a connection since taken over finishes before the new connection's own
+    /// delivery (on subscribe) reads what is still open, so nothing claimed for the old one is
+    /// missed by the new one.
+    pub async fn delivering(&self, device: i32) -> tokio::sync::MutexGuard<'_, ()> {
+        self.delivering[device.unsigned_abs() as usize % DELIVERY_LOCKS]
+            .lock()
+            .await
+    }
+
     pub fn get(&self, device: i32) -> Option<Arc<Session>> {
         self.lock().get(&device).cloned()
     }
@@ -147,7 +175,7 @@ impl Sessions {
             ready: Notify::new(),
             commands: AtomicBool::new(false),
             acks: AtomicBool::new(false),
-            delivering: tokio::sync::Mutex::new(()),
+            resubscribed: AtomicBool::new(false),
         });
         let (previous, connected) = {
             let mut map = self.lock();
@@ -833,7 +861,12 @@ fn device_packet(
             ))?;
             if commands {
                 // Every subscribe, clean session or not, gets every open command again.
-                bridge::deliver(edge, device.id, true);
+                session.resubscribed.store(true, Ordering::Release);
+                bridge::deliver(
+                    edge,
+                    device.id,
+                    bridge::Delivery::OnSubscribe(session.generation()),
+                );
             }
         }
         Packet::Unsubscribe(unsubscribe, _) => {

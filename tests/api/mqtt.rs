@@ -20,8 +20,7 @@ use ozone::{
 
 use crate::helpers::{spawn_mqtt_app, Device, TestApp};
 
-/// How long a reply may take: generous, for a shared CI machine running the suite in parallel.
-const WAIT: Duration = Duration::from_secs(15);
+const WAIT: Duration = Duration::from_secs(5);
 
 /// What a test client sees.
 #[derive(Debug)]
