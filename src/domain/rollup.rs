@@ -18,6 +18,7 @@ use crate::{
     domain::{
         events::{EventKind, NewEvent, Treatment},
         fleet::Attribution,
+        status::Carried,
     },
     error::Result,
 };
@@ -132,13 +133,7 @@ pub async fn add(
         return Ok(());
     };
     if conn.get_database_backend() == DbBackend::Postgres {
-        conn.execute_raw(Statement::from_sql_and_values(
-            DbBackend::Postgres,
-            format!("WITH {POSTGRES_UPSERT} SELECT 1"),
-            postgres_values(&levels),
-        ))
-        .await?;
-        return Ok(());
+        return postgres_carried(&levels).run(conn).await;
     }
     let Levels {
         devices,
@@ -197,13 +192,13 @@ pub const POSTGRES_UPSERT: &str = "rollup_devices AS (INSERT INTO stats_hourly \
     ON CONFLICT (bucket_hour, treatment) \
     DO UPDATE SET count = stats_hourly_fleet.count + excluded.count)";
 
-/// PostgreSQL: the parameters of [`POSTGRES_UPSERT`] for `treatments`; `None` when there is
-/// nothing to count.
-pub fn postgres_upsert(treatments: impl IntoIterator<Item = Counted>) -> Option<Vec<Value>> {
-    Levels::of(treatments).map(|levels| postgres_values(&levels))
+/// PostgreSQL: [`POSTGRES_UPSERT`] for `treatments`, for a status statement to carry; `None`
+/// when there is nothing to count.
+pub fn postgres_upsert(treatments: impl IntoIterator<Item = Counted>) -> Option<Carried> {
+    Levels::of(treatments).map(|levels| postgres_carried(&levels))
 }
 
-fn postgres_values(levels: &Levels) -> Vec<Value> {
+fn postgres_carried(levels: &Levels) -> Carried {
     let json = |rows: Vec<serde_json::Value>| serde_json::Value::Array(rows).to_string();
     let devices = json(
         levels
@@ -231,7 +226,10 @@ fn postgres_values(levels: &Levels) -> Vec<Value> {
             .map(|(&(h, t), &n)| serde_json::json!({"bucket_hour": h, "treatment": t, "count": n}))
             .collect(),
     );
-    vec![devices.into(), outlets.into(), fleet.into()]
+    Carried {
+        ctes: POSTGRES_UPSERT,
+        values: vec![devices.into(), outlets.into(), fleet.into()],
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -218,7 +218,21 @@ pub struct Carried {
     pub values: Vec<Value>,
 }
 
-/// [`record_many`], with `carried` run by the first status statement (PostgreSQL only).
+impl Carried {
+    /// Runs the queries in a statement of their own.
+    pub async fn run(self, conn: &impl ConnectionTrait) -> Result<()> {
+        conn.execute_raw(Statement::from_sql_and_values(
+            conn.get_database_backend(),
+            format!("WITH {} SELECT 1", self.ctes),
+            self.values,
+        ))
+        .await?;
+        Ok(())
+    }
+}
+
+/// [`record_many`], with `carried` run by the first status statement (PostgreSQL only: SQLite
+/// has no data-modifying `WITH`).
 pub async fn record_many_carrying(
     conn: &impl ConnectionTrait,
     updates: &[(i32, DeviceUpdate)],
@@ -231,16 +245,10 @@ pub async fn record_many_carrying(
     let backend = conn.get_database_backend();
     if updates.is_empty() {
         if let Some(carried) = carried {
-            conn.execute_raw(Statement::from_sql_and_values(
-                backend,
-                format!("WITH {} SELECT 1", carried.ctes),
-                carried.values,
-            ))
-            .await?;
+            carried.run(conn).await?;
         }
         return Ok(writes);
     }
-    let carried = carried.filter(|_| backend == DbBackend::Postgres);
     // Padded to a power of two below, so the largest statement is the largest power of two
     // that fits beside what it carries.
     let carried_bytes: usize = carried.as_ref().map_or(0, |c| {

@@ -566,12 +566,7 @@ impl Prepared {
         // PostgreSQL: the rollup rides along with the status statement (one round trip less).
         let rollup = match txn.get_database_backend() {
             DbBackend::Postgres => {
-                rollup::postgres_upsert(rollup::inserted(&candidates, &inserted, &attribution)).map(
-                    |values| status::Carried {
-                        ctes: rollup::POSTGRES_UPSERT,
-                        values,
-                    },
-                )
+                rollup::postgres_upsert(rollup::inserted(&candidates, &inserted, &attribution))
             }
             _ => {
                 rollup::record_inserted(&*txn, &candidates, &inserted, &attribution).await?;
