@@ -118,6 +118,10 @@ pub struct Db {
     write_lock: Option<Arc<Mutex<()>>>,
     /// Most bytes of parameters one statement should carry (see [`Db::statement_bytes`]).
     statement_bytes: usize,
+    /// PostgreSQL: how to open another pool (see [`Db::with_own_writer`]).
+    reopen: Option<Arc<ConnectOptions>>,
+    /// Whether `writer` is a pool of its own (see [`Db::with_own_writer`]).
+    own_writer: bool,
 }
 
 impl Db {
@@ -160,8 +164,10 @@ impl Db {
                         o
                     }
                 });
-            let conn = Database::connect(options).await?;
+            let conn = Database::connect(options.clone()).await?;
             return Ok(Db {
+                reopen: Some(Arc::new(options)),
+                own_writer: false,
                 writer: conn.clone(),
                 bulk: conn.clone(),
                 conn,
@@ -207,6 +213,28 @@ impl Db {
             bulk,
             write_lock: Some(Arc::new(Mutex::new(()))),
             statement_bytes: LOOPBACK_STATEMENT_BYTES,
+            reopen: None,
+            own_writer: false,
+        })
+    }
+
+    /// This database with write transactions on a pool of `connections` opened from the
+    /// calling runtime (PostgreSQL; SQLite keeps its one writer connection). A socket is
+    /// watched by the runtime that opened it: a task on another runtime (the event writer has
+    /// one of its own) learns that its reply has arrived only when that runtime's busy workers
+    /// next poll for I/O, which adds latency to every statement.
+    pub async fn with_own_writer(&self, connections: u32) -> Result<Db, DbErr> {
+        let Some(reopen) = &self.reopen else {
+            return Ok(self.clone());
+        };
+        let mut options = ConnectOptions::clone(reopen);
+        options
+            .max_connections(connections.max(1))
+            .min_connections(0);
+        Ok(Db {
+            writer: Database::connect(options).await?,
+            own_writer: true,
+            ..self.clone()
         })
     }
 
@@ -294,6 +322,13 @@ impl Db {
 
     pub async fn ping(&self) -> Result<(), DbErr> {
         self.conn.execute_unprepared("SELECT 1").await.map(|_| ())
+    }
+
+    /// Closes the pool of [`Db::with_own_writer`] (a no-op for a `Db` sharing its writer).
+    pub async fn close_own_writer(&self) {
+        if self.own_writer {
+            let _ = self.writer.close_by_ref().await;
+        }
     }
 
     pub async fn close(self) -> Result<(), DbErr> {

@@ -162,6 +162,15 @@ async fn run_writer(
     // done, so batches never wait on each other's row locks and commits keep their order.
     // SQLite has one writer: each batch is whatever queued during the previous commit.
     let pipelined = !db.is_sqlite();
+    // Statements on connections opened here, whose replies this runtime sees at once: one
+    // for the batch being prepared, one committing, one for contacts or retries.
+    let db = match db.with_own_writer(3).await {
+        Ok(own) => own,
+        Err(err) => {
+            tracing::warn!(error = %err, "the event writer shares the server's connections");
+            db
+        }
+    };
     let mut memo = status::DeviceMemo::default();
     let mut in_flight: Option<tokio::task::JoinHandle<Settled>> = None;
     let mut stopping = false;
@@ -255,6 +264,7 @@ async fn run_writer(
     }
     // Contacts that came in last are written before the writer ends.
     commit_contacts(&db, &notifier, &contacts, &mut memo).await;
+    db.close_own_writer().await;
 }
 
 /// How a batch's commit ended: its status writes for the memo, or its jobs back for retrying.
