@@ -5,10 +5,14 @@
 #
 #   bench/backends.sh [postgres-admin-url] [connections] [devices] [seconds]
 #       defaults: postgres://postgres:postgres@127.0.0.1:5432/postgres 64 200 10
-#   A fresh database is made on that server for each run and dropped after it. Without a
-#   reachable PostgreSQL only SQLite is measured.
+#   OZONE_BENCH_ROUNDS=n (default 3): the three backends are measured in turn, n rounds, each
+#   on a fresh copy of one prepared database, so that a noisy moment of a shared machine
+#   weighs on one round and not on one backend. Without a reachable PostgreSQL only SQLite is
+#   measured.
 #
-# Each line: backend, load, events or polls per second, latency p50/p99/max (ms).
+# Each line: round, backend, load, events or polls per second, latency p50/p99/max (ms); then
+# per load the median over the rounds of each backend's rate, p99, and rate against SQLite's
+# in the same round.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,6 +21,7 @@ connections=${2:-64}
 devices=${3:-200}
 seconds=${4:-10}
 port=${OZONE_BENCH_PORT:-18765}
+rounds=${OZONE_BENCH_ROUNDS:-3}
 prefix=02:42:45:4E
 
 cargo build --release --quiet -p ozone -p firmware-compat
@@ -61,16 +66,39 @@ assign_all() { # url [prefix [count]]
     done
 }
 
-line() { # label json...
-    local label=$1
-    shift
-    python3 - "$label" "$@" <<'PY'
+line() { # round backend kind json...
+    python3 - "$work/results" "$@" <<'PY'
 import json, sys
-label, runs = sys.argv[1], [json.loads(a) for a in sys.argv[2:]]
+results, round_, backend, kind = sys.argv[1:5]
+runs = [json.loads(a) for a in sys.argv[5:]]
 rps = sum(r["rps"] for r in runs)
 lat = lambda k: max(r["latency_ms"][k] for r in runs)
 errors = sum(r["non_200"] + r["errors"] for r in runs)
-print(f"{label:<34} {rps:>9.0f}/s  p50 {lat('p50'):7.2f}  p99 {lat('p99'):7.2f}  max {lat('max'):7.2f} ms  failed {errors}")
+label = f"{round_}  {backend} {kind}"
+print(f"{label:<38} {rps:>9.0f}/s  p50 {lat('p50'):7.2f}  p99 {lat('p99'):7.2f}  max {lat('max'):7.2f} ms  failed {errors}")
+with open(results, "a") as out:
+    out.write(json.dumps({"round": round_, "backend": backend, "kind": kind, "rps": rps, "p99": lat("p99")}) + "\n")
+PY
+}
+
+summary() {
+    python3 - "$work/results" <<'PY'
+import json, statistics, sys
+rows = [json.loads(line) for line in open(sys.argv[1])]
+rate = {(r["round"], r["backend"], r["kind"]): r["rps"] for r in rows}
+n = len({r["round"] for r in rows})
+print(f"median of {n} round{'s' if n > 1 else ''}:")
+for kind in dict.fromkeys(r["kind"] for r in rows):
+    for backend in dict.fromkeys(r["backend"] for r in rows):
+        mine = [r for r in rows if r["kind"] == kind and r["backend"] == backend]
+        ratios = [r["rps"] / rate[(r["round"], "sqlite", kind)] for r in mine
+                  if rate.get((r["round"], "sqlite", kind))]
+        line = (f"  {backend + ' ' + kind:<36} {statistics.median(r['rps'] for r in mine):>9.0f}/s"
+                f"  p99 {statistics.median(r['p99'] for r in mine):7.2f} ms")
+        if backend != "sqlite" and ratios:
+            line += (f"  {statistics.median(ratios):.2f}x SQLite"
+                     f" (rounds: {' '.join(f'{x:.2f}' for x in ratios)})")
+        print(line)
 PY
 }
 
@@ -78,9 +106,9 @@ PY
 # talking to one replica as a deployed device does (replica k uses the MAC prefix
 # ${prefixes[k]}).
 prefixes=("$prefix" 02:42:45:4F)
-measure() { # label url...
-    local label=$1
-    shift
+measure() { # round backend url...
+    local round=$1 label=$2
+    shift 2
     local urls=("$@") n=$#
     local per=$((connections / n)) share=$((devices / n)) p=$port
     for url in "${urls[@]}"; do start "$url" "$p"; p=$((p + 1)); done
@@ -96,24 +124,43 @@ measure() { # label url...
         for pid in "${pids[@]}"; do wait "$pid"; done
         p=$port
         for _ in "${urls[@]}"; do outs+=("$(cat "$work/out.$p")"); p=$((p + 1)); done
-        line "$label $kind" "${outs[@]}"
+        line "$round" "$label" "$kind" "${outs[@]}"
     done
     stop_all
 }
 
-sqlite="sqlite://$work/bench.db?mode=rwc"
-assign_all "$sqlite"
-measure "sqlite" "$sqlite"
-
-if psql -q "$admin" -c "SELECT 1" >/dev/null 2>&1; then
-    db="ozone_bench_$$"
-    psql -q "$admin" -c "DROP DATABASE IF EXISTS $db" -c "CREATE DATABASE $db"
+# One prepared database per backend; each run gets a fresh copy of it.
+assign_all "sqlite://$work/template.db?mode=rwc"
+postgres=
+admin_sql() { PGOPTIONS="-c client_min_messages=warning" psql -q "$admin" "$@"; }
+if admin_sql -c "SELECT 1" >/dev/null 2>&1; then
+    postgres=1
+    template="ozone_bench_$$_template" db="ozone_bench_$$"
+    dropped() {
+        admin_sql -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" \
+            -c "DROP DATABASE IF EXISTS $template WITH (FORCE)"
+    }
+    trap 'cleanup; dropped' EXIT
+    admin_sql -c "DROP DATABASE IF EXISTS $template" -c "CREATE DATABASE $template"
+    assign_all "${admin%/*}/$template"
+    assign_all "${admin%/*}/$template" "${prefixes[1]}" $((devices / 2))
     pg="${admin%/*}/$db"
-    assign_all "$pg"
-    assign_all "$pg" "${prefixes[1]}" $((devices / 2))
-    measure "postgres, 1 replica" "$pg"
-    measure "postgres, 2 replicas" "$pg" "$pg"
-    psql -q "$admin" -c "DROP DATABASE $db"
+    fresh_pg() {
+        admin_sql -c "DROP DATABASE IF EXISTS $db" -c "CREATE DATABASE $db TEMPLATE $template"
+    }
 else
     echo "PostgreSQL at $admin does not answer: measured SQLite only" >&2
 fi
+
+for round in $(seq "$rounds"); do
+    rm -f "$work"/bench.db*
+    for file in "$work"/template.db*; do cp "$file" "$work/bench${file##*/template}"; done
+    measure "$round" "sqlite" "sqlite://$work/bench.db?mode=rwc"
+    if [ -n "$postgres" ]; then
+        fresh_pg
+        measure "$round" "postgres, 1 replica" "$pg"
+        fresh_pg
+        measure "$round" "postgres, 2 replicas" "$pg" "$pg"
+    fi
+done
+summary
