@@ -8,6 +8,7 @@ mod m20261202_000001_ordered_state;
 mod m20261202_000002_staff;
 mod m20261202_000005_rollup;
 mod m20261203_000001_event_references;
+mod m20261203_000002_binding_revision;
 
 pub struct Migrator;
 
@@ -20,6 +21,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261202_000002_staff::Migration),
             Box::new(m20261202_000005_rollup::Migration),
             Box::new(m20261203_000001_event_references::Migration),
+            Box::new(m20261203_000002_binding_revision::Migration),
         ]
     }
 }

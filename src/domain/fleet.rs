@@ -8,7 +8,8 @@ use sea_orm::{
     sea_query::{Expr, OnConflict},
     ActiveModelTrait,
     ActiveValue::Set,
-    ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QuerySelect, Statement, Value,
+    ColumnTrait, ConnectionTrait, DbBackend, EntityTrait, QueryFilter, QuerySelect, Statement,
+    Value,
 };
 
 use crate::{
@@ -315,6 +316,7 @@ pub struct Attribution {
     bindings: HashMap<i32, Vec<Binding>>,
 }
 
+#[derive(Clone)]
 struct Binding {
     machine: i32,
     assigned_at: DateTime<Utc>,
@@ -323,6 +325,7 @@ struct Binding {
     outlets: Vec<Period>,
 }
 
+#[derive(Clone)]
 struct Period {
     outlet: Option<i32>,
     assigned_at: DateTime<Utc>,
@@ -341,6 +344,16 @@ impl Attribution {
         devices: &[i32],
         since: DateTime<Utc>,
     ) -> Result<Attribution> {
+        Ok(Self::load_at_revision(conn, devices, since).await?.0)
+    }
+
+    /// [`Attribution::load`], with the binding revision it was read at (PostgreSQL; see
+    /// [`AttributionCache`]), in the same statement.
+    pub async fn load_at_revision(
+        conn: &impl ConnectionTrait,
+        devices: &[i32],
+        since: DateTime<Utc>,
+    ) -> Result<(Attribution, Option<i64>)> {
         let backend = conn.get_database_backend();
         let ids = padded_ids(devices);
         // SQLite binds `?` in order of appearance: the values follow the text.
@@ -357,6 +370,14 @@ impl Attribution {
              WHERE md.device_id IN ({}) AND (md.unassigned_at IS NULL OR md.unassigned_at > {bound_since})",
             list.join(", "),
         );
+        // One row at least, which carries the revision when no binding matches.
+        let sql = match backend {
+            DbBackend::Postgres => format!(
+                "SELECT r.revision, a.* FROM (SELECT 1) AS one \
+                 LEFT JOIN binding_revision r ON r.id = 1 LEFT JOIN ({sql}) a ON TRUE"
+            ),
+            _ => sql,
+        };
         let mut values: Vec<Value> = vec![since.into()];
         values.extend(ids.into_iter().map(Value::from));
         values.push(since.into());
@@ -364,8 +385,14 @@ impl Attribution {
             .query_all_raw(Statement::from_sql_and_values(backend, sql, values))
             .await?;
         let mut by_id: HashMap<i32, (i32, Binding)> = HashMap::new();
+        let mut revision = None;
         for row in rows {
-            let id: i32 = row.try_get("", "id")?;
+            if backend == DbBackend::Postgres {
+                revision = row.try_get("", "revision")?;
+            }
+            let Some(id): Option<i32> = row.try_get("", "id")? else {
+                continue;
+            };
             let binding = match by_id.entry(id) {
                 std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
                 std::collections::hash_map::Entry::Vacant(e) => e.insert((
@@ -391,7 +418,7 @@ impl Attribution {
         for (_, (device, binding)) in by_id {
             bindings.entry(device).or_default().push(binding);
         }
-        Ok(Attribution { bindings })
+        Ok((Attribution { bindings }, revision))
     }
 
     /// The machine a device was bound to at `at`, and the outlet that machine stood in then.
@@ -410,6 +437,69 @@ impl Attribution {
             .max_by_key(|p| p.assigned_at)
             .and_then(|p| p.outlet);
         (Some(binding.machine), outlet)
+    }
+}
+
+/// Devices remembered by an [`AttributionCache`]; beyond it the cache starts over.
+const CACHE_MAX_DEVICES: usize = 100_000;
+
+/// Attribution kept between event batches (PostgreSQL), so that a batch of known devices
+/// needs no query for it. It is valid at one binding revision: a counter that every
+/// transaction changing `machine_devices` or `machine_outlets` raises as it commits (migration
+/// `binding_revision`), whatever process or replica makes it. The statement that stores a
+/// batch reads the revision in its own snapshot; when it is not the one the cache was read at,
+/// the batch's events are attributed again from a fresh read, and the cache starts over.
+#[derive(Default)]
+pub struct AttributionCache {
+    revision: Option<i64>,
+    /// Per device: the bindings open at or after the time they were read from.
+    devices: HashMap<i32, (DateTime<Utc>, Vec<Binding>)>,
+}
+
+impl AttributionCache {
+    /// The attribution of `devices` from `since` on, and the revision it holds at, if every
+    /// one of them is known from then.
+    pub fn get(&self, devices: &[i32], since: DateTime<Utc>) -> Option<(Attribution, i64)> {
+        let revision = self.revision?;
+        let mut bindings = HashMap::with_capacity(devices.len());
+        for device in devices {
+            let (from, rows) = self.devices.get(device)?;
+            if *from > since {
+                return None;
+            }
+            if !rows.is_empty() {
+                bindings.insert(*device, rows.clone());
+            }
+        }
+        Some((Attribution { bindings }, revision))
+    }
+
+    /// Remembers `attribution`, read for `devices` from `since` on at `revision`.
+    pub fn put(
+        &mut self,
+        attribution: &Attribution,
+        devices: &[i32],
+        since: DateTime<Utc>,
+        revision: i64,
+    ) {
+        if self.revision != Some(revision) || self.devices.len() + devices.len() > CACHE_MAX_DEVICES
+        {
+            self.devices.clear();
+            self.revision = Some(revision);
+        }
+        for device in devices {
+            let rows = attribution
+                .bindings
+                .get(device)
+                .cloned()
+                .unwrap_or_default();
+            self.devices.insert(*device, (since, rows));
+        }
+    }
+
+    pub fn clear(&mut self) {
+        self.revision = None;
+        self.devices.clear();
     }
 }
 

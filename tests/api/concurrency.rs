@@ -8,7 +8,7 @@ use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter};
 use serde_json::json;
 
 use ozone::{
-    db::entities::{command, device, machine_device, telemetry_event},
+    db::entities::{command, device, machine, machine_device, outlet, telemetry_event},
     domain::{
         commands::{self, NewCommand},
         fleet,
@@ -327,6 +327,92 @@ async fn a_result_at_one_replica_for_a_command_handed_out_by_the_other() {
     let cid = polled.body["commands"][0]["command_id"].as_str().unwrap();
     let r = two.report(&d, cid, json!({"success": true})).await;
     assert_eq!(r.body["status"], "executed");
+}
+
+/// The machine code and outlet name an event was stored with.
+async fn credited(app: &TestApp, event_id: &str) -> (Option<String>, Option<String>) {
+    let event = telemetry_event::Entity::find()
+        .filter(telemetry_event::Column::EventId.eq(event_id))
+        .one(app.db())
+        .await
+        .unwrap()
+        .unwrap_or_else(|| panic!("event {event_id} is stored"));
+    let machine = match event.machine_id {
+        Some(id) => machine::Entity::find_by_id(id).one(app.db()).await.unwrap(),
+        None => None,
+    };
+    let outlet = match event.outlet_id {
+        Some(id) => outlet::Entity::find_by_id(id).one(app.db()).await.unwrap(),
+        None => None,
+    };
+    (machine.map(|m| m.machine_code), outlet.map(|o| o.name))
+}
+
+/// A replica keeps the bindings it has read between batches of events: a device moved, a
+/// machine moved to another outlet, a device unbound, or a machine deleted, by another process,
+/// applies to the next events it stores all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bindings_changed_elsewhere_apply_to_a_replicas_next_events() {
+    use sea_orm::ConnectionTrait;
+
+    let Some((one, two)) = replicas().await else {
+        return;
+    };
+    let d = one.handshake("EC:E3:34:46:2B:C0").await;
+    let now = json!({"ts": null});
+    let assign = |machine: &str, outlet: &str| {
+        one.admin(&[
+            "device",
+            "assign",
+            &d.device_id,
+            "--machine",
+            machine,
+            "--outlet",
+            outlet,
+        ]);
+    };
+    let some = |m: &str, o: &str| (Some(m.to_owned()), Some(o.to_owned()));
+
+    assign("M-1", "North");
+    two.post_event(&d, "on-1", now.clone()).await;
+    two.post_event(&d, "on-1-again", now.clone()).await;
+    assert_eq!(credited(&two, "on-1-again").await, some("M-1", "North"));
+
+    assign("M-2", "South");
+    two.post_event(&d, "on-2", now.clone()).await;
+    assert_eq!(credited(&two, "on-2").await, some("M-2", "South"));
+
+    assign("M-2", "West");
+    two.post_event(&d, "moved", now.clone()).await;
+    assert_eq!(credited(&two, "moved").await, some("M-2", "West"));
+
+    one.admin(&["device", "unassign", &d.device_id]);
+    two.post_event(&d, "unbound", now.clone()).await;
+    assert_eq!(credited(&two, "unbound").await, (None, None));
+
+    assign("M-3", "East");
+    two.post_event(&d, "on-3", now.clone()).await;
+    assert_eq!(credited(&two, "on-3").await, some("M-3", "East"));
+    let m3 = machine::Entity::find()
+        .filter(machine::Column::MachineCode.eq("M-3"))
+        .one(one.db())
+        .await
+        .unwrap()
+        .unwrap()
+        .id;
+    for table in ["machine_devices", "machine_outlets"] {
+        one.db()
+            .execute_unprepared(&format!("DELETE FROM {table} WHERE machine_id = {m3}"))
+            .await
+            .unwrap();
+    }
+    one.db()
+        .execute_unprepared(&format!("DELETE FROM machines WHERE id = {m3}"))
+        .await
+        .unwrap();
+    let reply = two.post_event(&d, "deleted", now.clone()).await;
+    assert_eq!(reply.body, json!({"ack": true, "event_id": "deleted"}));
+    assert_eq!(credited(&two, "deleted").await, (None, None));
 }
 
 /// Whether this app's own database connection uses TLS (PostgreSQL).

@@ -17,7 +17,7 @@ use super::{NewEvent, Treatment};
 use crate::{
     db::{placeholder, Db, WriteTxn},
     domain::{
-        fleet::Attribution,
+        fleet::{Attribution, AttributionCache},
         notify::{Notification, Notifier},
         rollup,
         status::{self, Stamp},
@@ -172,6 +172,9 @@ async fn run_writer(
         }
     };
     let mut memo = status::DeviceMemo::default();
+    // PostgreSQL: the attribution of known devices is kept between batches (SQLite reads it
+    // in process, at no comparable cost).
+    let mut bindings = pipelined.then(AttributionCache::default);
     let mut in_flight: Option<tokio::task::JoinHandle<Settled>> = None;
     let mut stopping = false;
     loop {
@@ -186,6 +189,7 @@ async fn run_writer(
                         Ok(job) => job,
                         Err(_) => {
                             if let Some(failed) = settle(in_flight.take(), &mut memo).await {
+                                forget(&mut bindings);
                                 retry(failed, &db, &notifier, &contacts, &mut memo).await;
                             }
                             commit_contacts(&db, &notifier, &contacts, &mut memo).await;
@@ -210,7 +214,7 @@ async fn run_writer(
         }
         let started = std::time::Instant::now();
         let events: Vec<&NewEvent> = jobs.iter().map(|j| &j.event).collect();
-        let prepared = prepare_batch(&db, &events).await;
+        let prepared = prepare_batch(&db, &events, bindings.as_mut()).await;
         let finished = match settle(in_flight.take(), &mut memo).await {
             None => match prepared {
                 Ok(batch) => {
@@ -229,6 +233,7 @@ async fn run_writer(
                 // This batch's inserts must not hold up the retries: it is rolled back and
                 // retried after them.
                 drop(prepared);
+                forget(&mut bindings);
                 retry(failed, &db, &notifier, &contacts, &mut memo).await;
                 Err(Error::Unavailable)
             }
@@ -247,6 +252,7 @@ async fn run_writer(
                 if !pipelined {
                     let failed = settle(in_flight.take(), &mut memo).await;
                     if let Some(failed) = failed {
+                        forget(&mut bindings);
                         retry(failed, &db, &notifier, &contacts, &mut memo).await;
                     }
                 }
@@ -255,6 +261,7 @@ async fn run_writer(
                 if !matches!(err, Error::Unavailable) {
                     tracing::warn!(error = %err, size = jobs.len(), "event batch failed; committing individually");
                 }
+                forget(&mut bindings);
                 commit_individually(&db, &notifier, jobs, &mut memo, started).await;
             }
         }
@@ -265,6 +272,14 @@ async fn run_writer(
     // Contacts that came in last are written before the writer ends.
     commit_contacts(&db, &notifier, &contacts, &mut memo).await;
     db.close_own_writer().await;
+}
+
+/// A batch that failed may have failed on what the cache holds (a machine deleted since, say):
+/// its retries and the batches after it read the bindings afresh.
+fn forget(bindings: &mut Option<AttributionCache>) {
+    if let Some(cache) = bindings {
+        cache.clear();
+    }
 }
 
 /// How a batch's commit ended: its status writes for the memo, or its jobs back for retrying.
@@ -428,7 +443,7 @@ async fn commit_batch(
     updates: HashMap<i32, status::DeviceUpdate>,
     memo: &mut status::DeviceMemo,
 ) -> Result<Vec<Ingested>> {
-    let finished = prepare_batch(db, events)
+    let finished = prepare_batch(db, events, None)
         .await?
         .finish(events, updates, memo)
         .await?;
@@ -503,9 +518,13 @@ fn candidates<'e>(events: &[&'e NewEvent]) -> Vec<&'e NewEvent> {
         .collect()
 }
 
-/// Begins the batch's transaction, loads the bindings its events are attributed by, and inserts
-/// its events (rows no other batch writes).
-async fn prepare_batch(db: &Db, events: &[&NewEvent]) -> Result<Prepared> {
+/// Begins the batch's transaction, loads the bindings its events are attributed by (from
+/// `cache` when it knows them), and inserts its events (rows no other batch writes).
+async fn prepare_batch(
+    db: &Db,
+    events: &[&NewEvent],
+    mut cache: Option<&mut AttributionCache>,
+) -> Result<Prepared> {
     let candidates = candidates(events);
     let devices = sent_by(events);
     let started = std::time::Instant::now();
@@ -517,13 +536,41 @@ async fn prepare_batch(db: &Db, events: &[&NewEvent]) -> Result<Prepared> {
         .map(|e| e.occurred_at)
         .min()
         .unwrap_or(now);
-    let attribution = Attribution::load(&*txn, &devices, earliest).await?;
+    let cached = cache.as_deref().and_then(|c| c.get(&devices, earliest));
+    let (mut attribution, revision) = match cached {
+        Some((attribution, revision)) => (attribution, Some(revision)),
+        None => {
+            let (attribution, revision) =
+                Attribution::load_at_revision(&*txn, &devices, earliest).await?;
+            if let (Some(cache), Some(revision)) = (cache.as_deref_mut(), revision) {
+                cache.put(&attribution, &devices, earliest, revision);
+            }
+            (attribution, revision)
+        }
+    };
     let attributed = started.elapsed();
     let mut inserted: HashSet<(i32, String)> = HashSet::with_capacity(candidates.len());
     match txn.get_database_backend() {
         DbBackend::Postgres => {
+            let mut stale = false;
             for rows in json_rows(&candidates, &attribution, db.statement_bytes())? {
-                inserted.extend(insert_json_rows(&*txn, rows).await?);
+                let (keys, seen) = insert_json_rows(&*txn, rows).await?;
+                inserted.extend(keys);
+                stale |= seen.is_some() && seen != revision;
+            }
+            if stale {
+                // A binding changed after the attribution was read: the events just inserted
+                // are attributed again, by the bindings as they are now.
+                let (fresh, revision) =
+                    Attribution::load_at_revision(&*txn, &devices, earliest).await?;
+                reattribute(&*txn, &candidates, &inserted, &attribution, &fresh).await?;
+                if let Some(cache) = cache {
+                    cache.clear();
+                    if let Some(revision) = revision {
+                        cache.put(&fresh, &devices, earliest, revision);
+                    }
+                }
+                attribution = fresh;
             }
         }
         _ => {
@@ -838,9 +885,15 @@ const INSERT_JSON_SQL: &str = "INSERT INTO telemetry_events (device_id, event_id
     count_premium BIGINT, occurred_at TIMESTAMPTZ, occurred_epoch BIGINT, device_timestamp TEXT, \
     received_at TIMESTAMPTZ, wifi_status BOOLEAN, payload JSONB, machine_id INTEGER, \
     outlet_id INTEGER) \
-    ON CONFLICT (device_id, event_id) DO NOTHING RETURNING device_id, event_id";
+    ON CONFLICT (device_id, event_id) DO NOTHING \
+    RETURNING device_id, event_id, (SELECT revision FROM binding_revision WHERE id = 1) AS revision";
 
-async fn insert_json_rows(conn: &impl ConnectionTrait, rows: String) -> Result<Vec<(i32, String)>> {
+/// Inserts the rows; returns the keys of the new ones, and the binding revision the statement
+/// saw (when it inserted any).
+async fn insert_json_rows(
+    conn: &impl ConnectionTrait,
+    rows: String,
+) -> Result<(Vec<(i32, String)>, Option<i64>)> {
     let rows = conn
         .query_all_raw(Statement::from_sql_and_values(
             DbBackend::Postgres,
@@ -848,7 +901,43 @@ async fn insert_json_rows(conn: &impl ConnectionTrait, rows: String) -> Result<V
             [rows.into()],
         ))
         .await?;
-    returned_keys(&rows)
+    let revision = match rows.first() {
+        Some(row) => row.try_get::<Option<i64>>("", "revision")?,
+        None => None,
+    };
+    Ok((returned_keys(&rows)?, revision))
+}
+
+/// Sets the machine and outlet of the `inserted` events whose attribution `after` differs from
+/// the one they were inserted with.
+async fn reattribute(
+    conn: &impl ConnectionTrait,
+    candidates: &[&NewEvent],
+    inserted: &HashSet<(i32, String)>,
+    before: &Attribution,
+    after: &Attribution,
+) -> Result<()> {
+    for e in candidates {
+        let now = after.at(e.device, e.occurred_at);
+        if before.at(e.device, e.occurred_at) == now
+            || !inserted.contains(&(e.device, e.event_id.clone()))
+        {
+            continue;
+        }
+        conn.execute_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "UPDATE telemetry_events SET machine_id = $1, outlet_id = $2 \
+             WHERE device_id = $3 AND event_id = $4",
+            [
+                now.0.into(),
+                now.1.into(),
+                e.device.into(),
+                e.event_id.clone().into(),
+            ],
+        ))
+        .await?;
+    }
+    Ok(())
 }
 
 fn returned_keys(rows: &[sea_orm::QueryResult]) -> Result<Vec<(i32, String)>> {
