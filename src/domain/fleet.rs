@@ -543,3 +543,59 @@ pub async fn set_machine_outlet(
         .await?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(hour: u32) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(&format!("2026-12-01T{hour:02}:00:00Z"))
+            .unwrap()
+            .with_timezone(&Utc)
+    }
+
+    /// Device 1 on machine 10 from 08:00, in outlet 100; device 2 on no machine.
+    fn read() -> Attribution {
+        let binding = Binding {
+            machine: 10,
+            assigned_at: t(8),
+            unassigned_at: None,
+            outlets: vec![Period {
+                outlet: Some(100),
+                assigned_at: t(0),
+                unassigned_at: None,
+            }],
+        };
+        Attribution {
+            bindings: HashMap::from([(1, vec![binding])]),
+        }
+    }
+
+    #[test]
+    fn the_cache_answers_only_for_devices_and_times_it_has_read() {
+        let mut cache = AttributionCache::default();
+        assert!(cache.get(&[1], t(9)).is_none(), "empty");
+        cache.put(&read(), &[1, 2], t(6), 7);
+        let (attribution, revision) = cache.get(&[1, 2], t(9)).expect("both read from 06:00");
+        assert_eq!(revision, 7);
+        assert_eq!(attribution.at(1, t(9)), (Some(10), Some(100)));
+        assert_eq!(
+            attribution.at(2, t(9)),
+            (None, None),
+            "read, and on no machine"
+        );
+        assert!(cache.get(&[1], t(5)).is_none(), "before what was read");
+        assert!(cache.get(&[1, 3], t(9)).is_none(), "a device not read");
+    }
+
+    #[test]
+    fn a_new_revision_forgets_what_was_read_before_it() {
+        let mut cache = AttributionCache::default();
+        cache.put(&read(), &[1], t(6), 7);
+        cache.put(&Attribution::default(), &[2], t(6), 8);
+        assert!(cache.get(&[1], t(9)).is_none(), "read at revision 7");
+        assert_eq!(cache.get(&[2], t(9)).map(|(_, r)| r), Some(8));
+        cache.clear();
+        assert!(cache.get(&[2], t(9)).is_none());
+    }
+}
